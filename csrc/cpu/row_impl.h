@@ -1,0 +1,113 @@
+// row_impl.h -- CPU row kernels (forward / backward of log_softmax statistics over full rows).
+//
+// NOT a normal header: rowops.cpp includes it several times, once per ISA, inside a namespace given by
+// PREFOPT_ISA_NS (and under `#pragma GCC target(...)` for the AVX2/AVX-512 clones). It must not include
+// anything itself; everything it needs (prefopt_math.h, c10 types) is included by rowops.cpp first.
+//
+// One pass over memory per row: the row is walked in L1-sized blocks; each block is loaded/transformed
+// once into a small buffer, its max taken, the running state rescaled to the new max, and the exp
+// sums accumulated (`omp simd` reductions, vectorized without -ffast-math).
+
+namespace PREFOPT_ISA_NS {
+
+using prefopt::math::LseState;
+using prefopt::math::Transform;
+
+constexpr int64_t kBlock = 2048;
+
+template <typename scalar_t, typename acc_t, bool kCap>
+void forward_rows(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t V,
+                  const int64_t* __restrict__ labels, int64_t ignore_index, const Transform<acc_t> tf,
+                  int64_t r0, int64_t r1, float* __restrict__ logp, float* __restrict__ lse_out,
+                  float* __restrict__ ent_out, float* __restrict__ lsp2_out, int64_t* bad_label) {
+  namespace pm = prefopt::math;
+  alignas(64) acc_t zbuf[kBlock];
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* __restrict__ x = logits + r * row_stride;
+    LseState<acc_t> st = pm::lse_init<acc_t>();
+    for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+      const int64_t nb = (V - b0) < kBlock ? (V - b0) : kBlock;
+      const scalar_t* __restrict__ xb = x + b0;
+      acc_t mb = pm::p_neg_inf<acc_t>();
+#pragma omp simd reduction(max : mb)
+      for (int64_t i = 0; i < nb; ++i) {
+        const acc_t z = pm::transform<kCap>(tf, static_cast<acc_t>(xb[i]));
+        zbuf[i] = z;
+        mb = z > mb ? z : mb;
+      }
+      if (mb == pm::p_neg_inf<acc_t>()) continue;  // block entirely -inf: contributes nothing
+      pm::lse_rescale(st, pm::p_max(st.m, mb));
+      const acc_t m = st.m;
+      acc_t s = 0, t = 0, s2 = 0;
+#pragma omp simd reduction(+ : s, t, s2)
+      for (int64_t i = 0; i < nb; ++i) {
+        acc_t e, ed;
+        pm::lse_terms(zbuf[i], m, e, ed);
+        s += e;
+        t += ed;
+        s2 += e * e;
+      }
+      st.s += s;
+      st.t += t;
+      st.s2 += s2;
+    }
+    const acc_t lse = pm::lse_value(st);
+    lse_out[r] = static_cast<float>(lse);
+    if (ent_out) ent_out[r] = static_cast<float>(pm::lse_entropy(st));
+    if (lsp2_out) lsp2_out[r] = static_cast<float>(pm::lse_log_sum_p2(st));
+    const int64_t lab = labels[r];
+    if (lab == ignore_index) {
+      logp[r] = 0.f;
+    } else if (lab < 0 || lab >= V) {
+      *bad_label = lab;
+      logp[r] = 0.f;
+    } else {
+      const acc_t zl = pm::transform<kCap>(tf, static_cast<acc_t>(x[lab]));
+      logp[r] = static_cast<float>(zl - lse);
+    }
+  }
+}
+
+// Gradient wrt raw logits. `out` may alias `logits` (same dtype, same strides): every element is read
+// before it is written and the label element is recomputed from its raw value saved up front.
+template <typename scalar_t, typename out_t, typename acc_t, bool kCap>
+void backward_rows(const scalar_t* logits, int64_t row_stride, int64_t V, const int64_t* __restrict__ labels,
+                   int64_t ignore_index, const Transform<acc_t> tf, const float* __restrict__ lse_in,
+                   const float* __restrict__ ent_in, const float* __restrict__ g_logp_in,
+                   const float* __restrict__ g_ent_in, out_t* out, int64_t out_row_stride, int64_t r0,
+                   int64_t r1, int64_t* bad_label) {
+  namespace pm = prefopt::math;
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* x = logits + r * row_stride;
+    out_t* o = out + r * out_row_stride;
+    const int64_t lab = labels[r];
+    bool has_label = lab != ignore_index;
+    if (has_label && (lab < 0 || lab >= V)) {
+      *bad_label = lab;
+      has_label = false;
+    }
+    const acc_t g_logp = has_label ? static_cast<acc_t>(g_logp_in[r]) : acc_t(0);
+    const acc_t g_ent = g_ent_in ? static_cast<acc_t>(g_ent_in[r]) : acc_t(0);
+    const acc_t H = ent_in ? static_cast<acc_t>(ent_in[r]) : acc_t(0);
+    const acc_t lse = static_cast<acc_t>(lse_in[r]);
+    if (g_logp == acc_t(0) && g_ent == acc_t(0)) {
+#pragma omp simd
+      for (int64_t i = 0; i < V; ++i) o[i] = static_cast<out_t>(0.f);
+      continue;
+    }
+    const acc_t raw_label = has_label ? static_cast<acc_t>(x[lab]) : acc_t(0);  // read before overwriting
+#pragma omp simd
+    for (int64_t i = 0; i < V; ++i) {
+      acc_t dz;
+      const acc_t z = pm::transform_d<kCap>(tf, static_cast<acc_t>(x[i]), &dz);
+      o[i] = static_cast<out_t>(pm::softmax_grad(z, lse, H, g_logp, g_ent) * dz);
+    }
+    if (has_label) {
+      acc_t dz;
+      const acc_t z = pm::transform_d<kCap>(tf, raw_label, &dz);
+      o[lab] = static_cast<out_t>(pm::elem_grad(z, dz, true, lse, H, g_logp, g_ent));
+    }
+  }
+}
+
+}  // namespace PREFOPT_ISA_NS

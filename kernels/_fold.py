@@ -1,0 +1,106 @@
+"""@triton.jit helpers shared by every Triton kernel of prefopt: each formula lives here once.
+
+* ``to_acc``      : cast a loaded tile to the accumulator dtype (fp32; fp64 for fp64 inputs).
+* ``transform``   : raw logits -> z (logit_scale, optional tanh softcap, temperature) and dz/draw.
+* ``block_stats`` / ``merge`` / ``finish`` : the online log-sum-exp fold. A fold state is
+  ``(m, s, sz, s2)`` with ``m`` the running max of z and, relative to it,
+  ``s = sum exp(z - m)``, ``sz = sum exp(z - m) * (z - m)``, ``s2 = sum exp(2 (z - m))``.
+  ``sz`` is kept relative to ``m`` (not ``sum exp*z``) so the entropy ``log s - sz / s`` has no
+  cancellation between two numbers of the size of the logits (|z| ~ 1e4 stays exact in fp32).
+* ``dlogits``     : d(loss)/dz of one tile given lse/entropy and the two upstream gradients.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def to_acc(x, USE_FP64: tl.constexpr):
+    if USE_FP64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
+    """z = softcap * tanh(raw * logit_scale / softcap) / temperature (cap optional); also dz/draw.
+
+    tanh is built from exp(-2|u|) so it is exact-ish near 0 and saturates without inf/NaN;
+    1 - tanh^2 is written as 4e / (1 + e)^2 (no cancellation when |u| is large).
+    """
+    x = raw * logit_scale
+    if HAS_SOFTCAP:
+        u = x / softcap
+        e = tl.exp(-2.0 * tl.abs(u))
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(u < 0, -t, t)
+        z = softcap * t * inv_temp
+        one_pe = 1.0 + e
+        dz = (logit_scale * inv_temp) * (4.0 * e / (one_pe * one_pe))
+    else:
+        z = x * inv_temp
+        dz = tl.zeros_like(x) + logit_scale * inv_temp
+    return z, dz
+
+
+@triton.jit
+def block_stats(z, mask, AXIS: tl.constexpr, WANT_ENT: tl.constexpr, WANT_SQ: tl.constexpr):
+    """Fold state of one tile (reduced along AXIS); masked entries do not count.
+
+    Every reduced row must hold at least one unmasked entry (the launchers guarantee it)."""
+    zm = tl.where(mask, z, float("-inf"))
+    m = tl.max(zm, axis=AXIS)
+    d = zm - tl.expand_dims(m, AXIS)
+    e = tl.where(mask, tl.exp(d), 0.0)
+    s = tl.sum(e, axis=AXIS)
+    if WANT_ENT:
+        sz = tl.sum(tl.where(mask, e * d, 0.0), axis=AXIS)
+    else:
+        sz = tl.zeros_like(s)
+    if WANT_SQ:
+        s2 = tl.sum(e * e, axis=AXIS)
+    else:
+        s2 = tl.zeros_like(s)
+    return m, s, sz, s2
+
+
+@triton.jit
+def merge(m, s, sz, s2, mb, sb, szb, s2b):
+    """Merge two fold states (elementwise). A state with s == 0 (m = -inf) is the identity."""
+    mn = tl.maximum(m, mb)
+    a = tl.where(s > 0, tl.exp(m - mn), 0.0)
+    b = tl.where(sb > 0, tl.exp(mb - mn), 0.0)
+    # shift sz from "relative to m" to "relative to mn": sum e' (z - mn) = a * (sz + (m - mn) * s)
+    sz_a = tl.where(s > 0, a * (sz + (m - mn) * s), 0.0)
+    sz_b = tl.where(sb > 0, b * (szb + (mb - mn) * sb), 0.0)
+    return mn, s * a + sb * b, sz_a + sz_b, s2 * (a * a) + s2b * (b * b)
+
+
+@triton.jit
+def fold(m, s, sz, s2, z, mask, AXIS: tl.constexpr, WANT_ENT: tl.constexpr, WANT_SQ: tl.constexpr):
+    """Online log-sum-exp update of state (m, s, sz, s2) with tile z."""
+    mb, sb, szb, s2b = block_stats(z, mask, AXIS, WANT_ENT, WANT_SQ)
+    return merge(m, s, sz, s2, mb, sb, szb, s2b)
+
+
+@triton.jit
+def finish(m, s, sz, s2):
+    """-> (lse, entropy, log_sum_p2) of the folded row(s)."""
+    log_s = tl.log(s)
+    lse = m + log_s
+    entropy = log_s - sz / s
+    log_sum_p2 = tl.log(s2) - 2.0 * log_s
+    return lse, entropy, log_sum_p2
+
+
+@triton.jit
+def dlogits(z, is_label, lse, mean_z, g_logp, g_ent, HAS_ENT: tl.constexpr):
+    """dL/dz of a tile: g_logp * (onehot - p) + g_ent * (-p * (z - mean_z)).
+
+    mean_z = lse - entropy = sum_v p_v z_v. Row quantities (lse, mean_z, g_*) arrive broadcastable
+    to z; g_logp is already 0 for ignored rows."""
+    p = tl.exp(z - lse)
+    coef = g_logp
+    if HAS_ENT:
+        coef = coef + g_ent * (z - mean_z)
+    return tl.where(is_label, g_logp, 0.0) - p * coef

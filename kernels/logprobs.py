@@ -1,0 +1,183 @@
+"""Triton row ops (backend "triton" of logprobs_from_logits): see docs/design.md, "Row ops".
+
+One program per row (token); it walks the vocabulary in BLOCK_V tiles with the online
+log-sum-exp fold of ``_fold.py``. The backward recomputes p tile by tile and writes the gradient
+of the raw logits directly into the output (no [n, V] temporary). Math in fp32 (fp64 for fp64
+inputs, which only the interpreter tests use).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from prefopt._types import RowStats
+
+from ._fold import dlogits, finish, fold, to_acc, transform
+
+
+@triton.jit
+def _row_fwd_kernel(logits_ptr, stride_row, labels_ptr, logp_ptr, lse_ptr, ent_ptr, sq_ptr,
+                    V, ignore_index, logit_scale, softcap, temperature,
+                    HAS_SOFTCAP: tl.constexpr, WANT_ENT: tl.constexpr, WANT_SQ: tl.constexpr,
+                    USE_FP64: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    cols = tl.arange(0, BLOCK_V)
+    zero = to_acc(tl.zeros((), tl.float32), USE_FP64)
+    inv_temp = 1.0 / (zero + temperature)
+    scale = zero + logit_scale
+    cap = zero + softcap
+    m = zero + float("-inf")
+    s = zero
+    sz = zero
+    s2 = zero
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        mask = offs < V
+        raw = to_acc(tl.load(base + offs, mask=mask, other=0.0), USE_FP64)
+        z, _dz = transform(raw, scale, cap, inv_temp, HAS_SOFTCAP)
+        m, s, sz, s2 = fold(m, s, sz, s2, z, mask, 0, WANT_ENT, WANT_SQ)
+    lse, ent, sq = finish(m, s, sz, s2)
+
+    label = tl.load(labels_ptr + row)
+    valid = (label != ignore_index) & (label >= 0) & (label < V)
+    raw_l = to_acc(tl.load(base + tl.where(valid, label, 0)), USE_FP64)
+    z_l, _dz_l = transform(raw_l, scale, cap, inv_temp, HAS_SOFTCAP)
+    tl.store(logp_ptr + row, tl.where(valid, z_l - lse, 0.0))
+    tl.store(lse_ptr + row, lse)
+    if WANT_ENT:
+        tl.store(ent_ptr + row, ent)
+    if WANT_SQ:
+        tl.store(sq_ptr + row, sq)
+
+
+@triton.jit
+def _row_bwd_kernel(logits_ptr, stride_row, out_ptr, stride_out, labels_ptr, lse_ptr, ent_ptr,
+                    g_logp_ptr, g_ent_ptr, V, ignore_index, logit_scale, softcap, temperature,
+                    HAS_SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, USE_FP64: tl.constexpr,
+                    BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    obase = out_ptr + row * stride_out
+    cols = tl.arange(0, BLOCK_V)
+    zero = to_acc(tl.zeros((), tl.float32), USE_FP64)
+    inv_temp = 1.0 / (zero + temperature)
+    scale = zero + logit_scale
+    cap = zero + softcap
+
+    label = tl.load(labels_ptr + row)
+    valid = (label != ignore_index) & (label >= 0) & (label < V)
+    lse = to_acc(tl.load(lse_ptr + row), USE_FP64)
+    g_logp = tl.where(valid, to_acc(tl.load(g_logp_ptr + row), USE_FP64), 0.0)
+    if HAS_ENT:
+        mean_z = lse - to_acc(tl.load(ent_ptr + row), USE_FP64)
+        g_ent = to_acc(tl.load(g_ent_ptr + row), USE_FP64)
+    else:
+        mean_z = zero
+        g_ent = zero
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        mask = offs < V
+        raw = to_acc(tl.load(base + offs, mask=mask, other=0.0), USE_FP64)
+        z, dz = transform(raw, scale, cap, inv_temp, HAS_SOFTCAP)
+        g = dlogits(z, offs == label, lse, mean_z, g_logp, g_ent, HAS_ENT) * dz
+        tl.store(obase + offs, g.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _config(V):
+    """(BLOCK_V, num_warps) of the row kernels.
+
+    The row kernels are memory bound: a program streams its row once (forward) or reads+writes it
+    (backward). 4096-wide tiles with 8 warps give 16 elements (64 B of bf16) per thread per
+    iteration, enough in-flight loads to saturate HBM with one row per program; small vocabularies
+    use 1024-wide tiles so a row of a few thousand entries is not mostly masked lanes.
+    Only these two configurations exist (see ``aot_configs``)."""
+    if V <= 8192:
+        return 1024, 4
+    return 4096, 8
+
+
+def _params(logit_scale, softcap, temperature):
+    has_softcap = softcap is not None and softcap != 0
+    return float(logit_scale), float(softcap) if has_softcap else 1.0, float(temperature), has_softcap
+
+
+def _rows(logits):
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return logits
+
+
+def row_forward(logits, labels, ignore_index, logit_scale, softcap, temperature, want_entropy, want_sqsum):
+    logits = _rows(logits)
+    n, V = logits.shape
+    stat_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    dev = logits.device
+    logp = torch.empty(n, dtype=stat_dtype, device=dev)
+    lse = torch.empty(n, dtype=stat_dtype, device=dev)
+    ent = torch.empty(n, dtype=stat_dtype, device=dev) if want_entropy else None
+    sq = torch.empty(n, dtype=stat_dtype, device=dev) if want_sqsum else None
+    if n == 0:
+        return RowStats(logp, lse, ent, sq)
+    scale, cap, temp, has_cap = _params(logit_scale, softcap, temperature)
+    block, warps = _config(V)
+    _row_fwd_kernel[(n,)](
+        logits, logits.stride(0), labels.contiguous(), logp, lse,
+        ent if want_entropy else lse, sq if want_sqsum else lse,
+        V, int(ignore_index), scale, cap, temp,
+        HAS_SOFTCAP=has_cap, WANT_ENT=bool(want_entropy), WANT_SQ=bool(want_sqsum),
+        USE_FP64=logits.dtype == torch.float64, BLOCK_V=block, num_warps=warps)
+    return RowStats(logp, lse, ent, sq)
+
+
+def row_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, logit_scale, softcap,
+                 temperature, out=None):
+    logits = _rows(logits)
+    n, V = logits.shape
+    if out is None:
+        out = torch.empty_like(logits)
+    if n == 0:
+        return out
+    has_ent = grad_entropy is not None
+    if has_ent and entropy is None:
+        raise ValueError("row_backward: grad_entropy given but entropy is None")
+    scale, cap, temp, has_cap = _params(logit_scale, softcap, temperature)
+    block, warps = _config(V)
+    # out may alias logits: each element is read and then written by the same program and tile.
+    _row_bwd_kernel[(n,)](
+        logits, logits.stride(0), out, out.stride(0), labels.contiguous(), lse.contiguous(),
+        entropy.contiguous() if has_ent else lse, grad_logp.contiguous(),
+        grad_entropy.contiguous() if has_ent else grad_logp,
+        V, int(ignore_index), scale, cap, temp,
+        HAS_SOFTCAP=has_cap, HAS_ENT=has_ent, USE_FP64=logits.dtype == torch.float64,
+        BLOCK_V=block, num_warps=warps)
+    return out
+
+
+_TT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def aot_configs():
+    """Every (kernel, signature, constexprs, num_warps) the launchers above can pick on a GPU.
+
+    Scalars are specialised as on a GPU launch (i64 labels, i32 sizes/strides, fp32 params);
+    ``out`` of the backward has the dtype of ``logits`` (the launcher's default)."""
+    out = []
+    for dt in ("fp32", "bf16", "fp16"):
+        for V in (4096, 65536):
+            block, warps = _config(V)
+            for cap in (False, True):
+                for ent in (False, True):
+                    for sq in (False, True):
+                        sig = {"logits_ptr": f"*{dt}", "stride_row": "i32", "labels_ptr": "*i64",
+                               "logp_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "sq_ptr": "*fp32",
+                               "V": "i32", "ignore_index": "i32", "logit_scale": "fp32", "softcap": "fp32",
+                               "temperature": "fp32"}
+                        cx = dict(HAS_SOFTCAP=cap, WANT_ENT=ent, WANT_SQ=sq, USE_FP64=False, BLOCK_V=block)
+                        out.append((_row_fwd_kernel, sig, cx, warps))
+                    sig = {"logits_ptr": f"*{dt}", "stride_row": "i32", "out_ptr": f"*{dt}", "stride_out": "i32",
+                           "labels_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "g_logp_ptr": "*fp32",
+                           "g_ent_ptr": "*fp32", "V": "i32", "ignore_index": "i32", "logit_scale": "fp32",
+                           "softcap": "fp32", "temperature": "fp32"}
+                    cx = dict(HAS_SOFTCAP=cap, HAS_ENT=ent, USE_FP64=False, BLOCK_V=block)
+                    out.append((_row_bwd_kernel, sig, cx, warps))
+    return out

@@ -1,0 +1,106 @@
+"""Public core ops: validate, flatten, drop ignored rows, call the autograd Function, restore shapes."""
+from __future__ import annotations
+
+import torch
+
+from prefopt import _validation as check
+from prefopt.functions import LinearLogprobsFunction, LogprobsFromLogitsFunction, SegmentSumFunction
+
+
+def _pack_outputs(outputs, want_entropy, want_sqsum):
+    logp, entropy, log_sum_p2 = outputs
+    result = [logp]
+    if want_entropy:
+        result.append(entropy)
+    if want_sqsum:
+        result.append(log_sum_p2)
+    return result[0] if len(result) == 1 else tuple(result)
+
+
+def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, softcap=None, logit_scale=1.0,
+                         return_entropy=False, return_log_sum_p2=False):
+    """Per-token log p(label) under softmax(transform(logits)), for trainers that already hold logits.
+
+    logits [..., V] (fp32/bf16/fp16/fp64), labels [...] ints in [0, V) or `ignore_index` (-> 0).
+    Returns fp32 log-probs shaped like labels (fp64 for fp64 logits); with `return_entropy`, also the
+    per-token entropy; with `return_log_sum_p2`, also log(sum_v p_v^2) (WPO weights; no gradient).
+    The backward writes g * (onehot - p) straight into the gradient, with no other [N, V] temporary.
+    """
+    check.check_logprobs_inputs(logits, labels, ignore_index, temperature, softcap, logit_scale)
+    vocab = logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab)
+    if not flat_logits.is_contiguous():
+        flat_logits = flat_logits.contiguous()
+    outputs = LogprobsFromLogitsFunction.apply(flat_logits, labels.reshape(-1).long(), ignore_index,
+                                               float(logit_scale), softcap or None, float(temperature),
+                                               return_entropy, return_log_sum_p2)
+    logp, entropy, log_sum_p2 = (o.view(labels.shape) if o.numel() else o for o in outputs)
+    # Ignored positions report 0 entropy and log_sum_p2, as in linear_logprobs where they are skipped.
+    if return_entropy:
+        entropy = torch.where(labels != ignore_index, entropy, torch.zeros((), dtype=entropy.dtype))
+    if return_log_sum_p2:
+        log_sum_p2 = torch.where(labels != ignore_index, log_sum_p2, torch.zeros((), dtype=log_sum_p2.dtype))
+    return _pack_outputs((logp, entropy, log_sum_p2), return_entropy, return_log_sum_p2)
+
+
+def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, temperature=1.0, softcap=None,
+                    logit_scale=1.0, chunk_size=None, return_entropy=False, return_log_sum_p2=False):
+    """Fused `log_softmax(transform(hidden @ weight.T + bias)).gather(labels)` without the logits.
+
+    hidden [..., H], weight [V, H], bias [V] | None, labels [...] (same leading shape as hidden).
+    Label i is the token predicted from hidden i (shift labels yourself, as HF's loss does).
+    Positions with `ignore_index` get log-prob 0 (and entropy 0) and cost no GEMM work.
+    Gradients flow to hidden, weight and bias. Peak extra memory is O(tile + tokens), independent of V.
+    `chunk_size` sets the token rows per tile of the CPU backends (default: sized so a tile is ~32 MiB).
+    """
+    check.check_linear_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale,
+                              chunk_size)
+    n_features = hidden.shape[-1]
+    flat_hidden = hidden.reshape(-1, n_features)
+    flat_labels = labels.reshape(-1).long()
+    valid = flat_labels != ignore_index
+    all_valid = bool(valid.all())
+    if all_valid:
+        rows_hidden, rows_labels = flat_hidden, flat_labels
+    else:
+        # Only rows with a label do GEMM work; their results are scattered back below.
+        rows = valid.nonzero().squeeze(1)
+        rows_hidden, rows_labels = flat_hidden.index_select(0, rows), flat_labels.index_select(0, rows)
+    if not rows_hidden.is_contiguous():
+        rows_hidden = rows_hidden.contiguous()
+    if rows_labels.numel() == 0:
+        # Everything ignored: zeros that still connect to the graph so .backward() works.
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        anchor = flat_hidden.sum() * 0 + weight.sum() * 0 + (0 if bias is None else bias.sum() * 0)
+        connected = anchor.to(acc).expand(flat_labels.shape)
+        zeros = torch.zeros(flat_labels.shape, dtype=acc, device=hidden.device)
+        empty = zeros.new_empty(0)
+        outputs = (connected, zeros if return_entropy else empty, zeros if return_log_sum_p2 else empty)
+    else:
+        outputs = LinearLogprobsFunction.apply(rows_hidden, weight.contiguous(),
+                                               None if bias is None else bias.contiguous(), rows_labels,
+                                               float(logit_scale), softcap or None, float(temperature),
+                                               return_entropy, return_log_sum_p2, chunk_size)
+        if not all_valid:
+            outputs = tuple(o if o.numel() == 0 else
+                            o.new_zeros(flat_labels.shape).index_copy(0, rows, o) for o in outputs)
+    shaped = tuple(o.reshape(labels.shape) if o.numel() else o for o in outputs)
+    return _pack_outputs(shaped, return_entropy, return_log_sum_p2)
+
+
+def sequence_logps(token_logps, mask=None, *, cu_seqlens=None, average=False):
+    """Masked per-sequence sum (or mean over unmasked tokens) of per-token log-probs.
+
+    Padded: token_logps [B, T] with mask [B, T] (bool, or float weights) -> [B].
+    Packed (padding-free): token_logps [N] (or [1, N]) with cu_seqlens [S+1] -> [S].
+    A fully masked sequence gives 0 with zero gradient. Float masks weight tokens (LD-DPO); the mean
+    divides by the count of tokens with non-zero weight.
+    """
+    check.check_sequence_inputs(token_logps, mask, cu_seqlens)
+    acc = torch.float64 if token_logps.dtype == torch.float64 else torch.float32
+    values = token_logps.reshape(-1).to(acc).contiguous()
+    weights = None if mask is None else mask.reshape(-1).to(acc).contiguous()
+    if cu_seqlens is None:
+        batch, length = token_logps.shape
+        cu_seqlens = torch.arange(batch + 1, device=token_logps.device, dtype=torch.int64) * length
+    return SegmentSumFunction.apply(values, weights, cu_seqlens.to(torch.int64).contiguous(), bool(average))

@@ -1,0 +1,129 @@
+"""torch.autograd.Functions of the core ops. Each one picks a backend and calls its forward/backward.
+
+Backends implement the signatures in docs/design.md; inputs arrive validated and flattened by api.py.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from prefopt._backend import resolve
+
+_ROWOPS = {"torch": "prefopt.cpu.rowops_torch", "cpp": "prefopt.cpu.rowops_cpp", "triton": "prefopt.kernels.logprobs"}
+_SEGMENT = {"torch": "prefopt.cpu.segment_torch", "cpp": "prefopt.cpu.segment_cpp",
+            "triton": "prefopt.kernels.sequence_sums"}
+_heads = {}
+
+
+def rowops_impl(device):
+    return importlib.import_module(_ROWOPS[resolve(device)])
+
+
+def segment_impl(device):
+    return importlib.import_module(_SEGMENT[resolve(device)])
+
+
+def head_impl(device):
+    backend = resolve(device)
+    if backend == "triton":
+        return importlib.import_module("prefopt.kernels.linear_logprobs")
+    if backend not in _heads:
+        from prefopt.cpu.chunked import ChunkedHead
+        _heads[backend] = ChunkedHead(importlib.import_module(_ROWOPS[backend]))
+    return _heads[backend]
+
+
+def _none_if_empty(t):
+    return None if t is None or t.numel() == 0 else t
+
+
+def _outputs(stats, like):
+    empty = like.new_empty(0)
+    return (stats.logp, empty if stats.entropy is None else stats.entropy,
+            empty if stats.log_sum_p2 is None else stats.log_sum_p2)
+
+
+class LogprobsFromLogitsFunction(torch.autograd.Function):
+    """logits [n, V], labels [n] -> (logp [n], entropy [n] | empty, log_sum_p2 [n] | empty)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, logit_scale, softcap, temperature, want_entropy, want_sqsum):
+        impl = rowops_impl(logits.device)
+        stats = impl.row_forward(logits, labels, ignore_index, logit_scale, softcap, temperature, want_entropy,
+                                 want_sqsum)
+        ctx.impl = impl
+        ctx.params = (ignore_index, logit_scale, softcap, temperature)
+        ctx.save_for_backward(logits, labels, stats.lse, stats.entropy)
+        ctx.set_materialize_grads(False)
+        outputs = _outputs(stats, stats.lse)
+        ctx.mark_non_differentiable(outputs[2])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, _grad_sqsum):
+        logits, labels, lse, entropy = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or (grad_logp is None and grad_entropy is None):
+            return (None,) * 8
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        grad_entropy = _none_if_empty(grad_entropy)
+        ignore_index, logit_scale, softcap, temperature = ctx.params
+        grad_logits = ctx.impl.row_backward(logits, labels, lse, entropy, grad_logp.contiguous(),
+                                            None if grad_entropy is None else grad_entropy.contiguous(),
+                                            ignore_index, logit_scale, softcap, temperature)
+        return (grad_logits,) + (None,) * 7
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    """hidden [n, H], weight [V, H], bias [V] | None, labels [n] (all valid) -> like LogprobsFromLogits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, logit_scale, softcap, temperature, want_entropy, want_sqsum,
+                chunk_size):
+        impl = head_impl(hidden.device)
+        stats = impl.linear_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature, want_entropy,
+                                    want_sqsum, chunk_size)
+        ctx.impl = impl
+        ctx.params = (logit_scale, softcap, temperature, chunk_size)
+        ctx.save_for_backward(hidden, weight, bias, labels, stats.lse, stats.entropy)
+        ctx.set_materialize_grads(False)
+        outputs = _outputs(stats, stats.lse)
+        ctx.mark_non_differentiable(outputs[2])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, _grad_sqsum):
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if not any(needs) or (grad_logp is None and grad_entropy is None):
+            return (None,) * 10
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        grad_entropy = _none_if_empty(grad_entropy)
+        logit_scale, softcap, temperature, chunk_size = ctx.params
+        grads = ctx.impl.linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp.contiguous(),
+                                         None if grad_entropy is None else grad_entropy.contiguous(),
+                                         logit_scale, softcap, temperature, chunk_size, needs)
+        return tuple(grads) + (None,) * 7
+
+
+class SegmentSumFunction(torch.autograd.Function):
+    """values [N], weights [N] | None, cu_seqlens [S+1] -> per-segment (weighted) sum or mean [S]."""
+
+    @staticmethod
+    def forward(ctx, values, weights, cu_seqlens, average):
+        impl = segment_impl(values.device)
+        sums, counts = impl.segment_forward(values, weights, cu_seqlens, average)
+        ctx.impl = impl
+        ctx.average = average
+        ctx.n_tokens = values.numel()
+        ctx.save_for_backward(weights, cu_seqlens, counts)
+        return sums
+
+    @staticmethod
+    def backward(ctx, grad_sums):
+        weights, cu_seqlens, counts = ctx.saved_tensors
+        grad_values = ctx.impl.segment_backward(grad_sums.contiguous(), weights, cu_seqlens, counts, ctx.average,
+                                                ctx.n_tokens)
+        return grad_values, None, None, None

@@ -1,0 +1,205 @@
+"""The public core ops against the materialising references, on every backend available here."""
+import pytest
+import torch
+
+import prefopt
+from prefopt import _backend
+from prefopt.reference import linear_logprobs_ref, logprobs_from_logits_ref, sequence_logps_ref
+
+
+def _available(name):
+    ok, _ = (_backend.cpp_status("cpu") if name == "cpp" else
+             _backend.triton_status("cpu") if name == "triton" else (True, ""))
+    return ok
+
+
+BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _available(b), reason=f"{b} backend not available"))
+            for b in ("torch", "cpp", "triton")]
+
+# bf16/fp16 inputs: math is fp32 inside, so the only error is the input rounding of the logits/hidden;
+# these bounds are on |prefopt - reference(fp32 math on the same rounded inputs)|.
+LOW_PRECISION_TOL = {torch.bfloat16: dict(atol=2e-2, rtol=2e-2), torch.float16: dict(atol=5e-3, rtol=5e-3)}
+
+
+def _grads(fn, *tensors):
+    out = fn()
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(1234)  # the same output weights for prefopt and the reference
+    weights = [torch.randn(o.shape, dtype=torch.float64, generator=gen) for o in outs]
+    total = sum((o.double() * w).sum() for o, w in zip(outs, weights))
+    grads = torch.autograd.grad(total, tensors, allow_unused=True)
+    return outs, grads
+
+
+def _labels(shape, vocab, ignore_fraction=0.25):
+    labels = torch.randint(0, vocab, shape)
+    labels[torch.rand(shape) < ignore_fraction] = -100
+    return labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab", [77, 1000])
+@pytest.mark.parametrize("options", [dict(), dict(temperature=0.7), dict(softcap=5.0), dict(softcap=3.0, temperature=1.3),
+                                     dict(logit_scale=0.5)])
+def test_logprobs_from_logits_float64(backend, vocab, options):
+    logits = (3 * torch.randn(2, 5, vocab, dtype=torch.float64)).requires_grad_()
+    labels = _labels((2, 5), vocab)
+    kwargs = dict(return_entropy=True, **options)
+    with prefopt.use_backend(backend):
+        got, got_grad = _grads(lambda: prefopt.logprobs_from_logits(logits, labels, **kwargs), logits)
+    want, want_grad = _grads(lambda: logprobs_from_logits_ref(logits, labels, **kwargs), logits)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got_grad[0], want_grad[0], atol=1e-10, rtol=1e-10)
+    assert torch.all(got[0][labels == -100] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logprobs_from_logits_low_precision(backend, dtype):
+    vocab = 1000
+    logits = (4 * torch.randn(6, vocab)).to(dtype).requires_grad_()
+    labels = _labels((6,), vocab)
+    with prefopt.use_backend(backend):
+        got, (grad,) = _grads(lambda: prefopt.logprobs_from_logits(logits, labels, temperature=0.9), logits)
+    ref_logits = logits.detach().float().requires_grad_()
+    want, (want_grad,) = _grads(lambda: logprobs_from_logits_ref(ref_logits, labels, temperature=0.9), ref_logits)
+    assert got[0].dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad.float(), want_grad, **LOW_PRECISION_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_from_logits_huge_vocab_and_magnitude(backend):
+    vocab = 262144
+    logits = torch.randn(2, vocab) * 1e4
+    logits.requires_grad_()
+    labels = torch.tensor([5, vocab - 1])
+    with prefopt.use_backend(backend):
+        logp, entropy = prefopt.logprobs_from_logits(logits, labels, return_entropy=True)
+        (logp.sum() + entropy.sum()).backward()
+    want, want_entropy = logprobs_from_logits_ref(logits.detach(), labels, return_entropy=True)
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all() and torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(logp, want, atol=1e-2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [dict(), dict(temperature=0.8, softcap=4.0), dict(logit_scale=0.25), dict(bias=True)])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_linear_logprobs_float64(backend, options, chunk_size):
+    options = dict(options)
+    hidden = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(99, 16, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(99, dtype=torch.float64, requires_grad=True) if options.pop("bias", False) else None
+    labels = _labels((2, 7), 99)
+    inputs = [t for t in (hidden, weight, bias) if t is not None]
+    kwargs = dict(return_entropy=True, **options)
+    with prefopt.use_backend(backend):
+        got, got_grads = _grads(lambda: prefopt.linear_logprobs(hidden, weight, labels, bias, chunk_size=chunk_size,
+                                                                **kwargs), *inputs)
+    want, want_grads = _grads(lambda: linear_logprobs_ref(hidden, weight, labels, bias, **kwargs), *inputs)
+    for g, w in zip(got + got_grads, want + want_grads):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_logprobs_low_precision(backend, dtype):
+    hidden = torch.randn(12, 32).to(dtype).requires_grad_()
+    weight = (torch.randn(300, 32) / 4).to(dtype).requires_grad_()
+    labels = _labels((12,), 300)
+    with prefopt.use_backend(backend):
+        got, got_grads = _grads(lambda: prefopt.linear_logprobs(hidden, weight, labels), hidden, weight)
+    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    want, want_grads = _grads(lambda: linear_logprobs_ref(h32, w32, labels), h32, w32)
+    # logits are rounded to `dtype` by the GEMM (as in eager), so values carry that rounding too.
+    torch.testing.assert_close(got[0], want[0], atol=5e-2, rtol=2e-2)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), w, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_logprobs_gradcheck(backend):
+    hidden = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(13, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([1, -100, 12, 0, 7])
+    with prefopt.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: prefopt.linear_logprobs(h, w, labels, b, softcap=2.0, temperature=0.7, return_entropy=True),
+            (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_logprobs_all_ignored(backend):
+    hidden = torch.randn(3, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    labels = torch.full((3,), -100)
+    with prefopt.use_backend(backend):
+        logp = prefopt.linear_logprobs(hidden, weight, labels)
+        logp.sum().backward()
+    assert torch.all(logp == 0) and torch.all(hidden.grad == 0) and torch.all(weight.grad == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logps_padded_and_packed(backend, average):
+    token_logps = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 6) < 0.6
+    mask[1] = False  # a fully masked sequence: 0, zero gradient
+    with prefopt.use_backend(backend):
+        got, (grad,) = _grads(lambda: prefopt.sequence_logps(token_logps, mask, average=average), token_logps)
+    want, (want_grad,) = _grads(lambda: sequence_logps_ref(token_logps, mask, average=average), token_logps)
+    torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad, want_grad, atol=1e-12, rtol=1e-12)
+    assert got[0][1] == 0 and torch.all(grad[1] == 0)
+
+    packed = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0, 4, 4, 9, 11])  # includes an empty sequence
+    weights = torch.rand(11, dtype=torch.float64)
+    with prefopt.use_backend(backend):
+        got, (grad,) = _grads(lambda: prefopt.sequence_logps(packed, weights, cu_seqlens=cu, average=average), packed)
+    want, (want_grad,) = _grads(lambda: sequence_logps_ref(packed, weights, cu_seqlens=cu, average=average), packed)
+    torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad, want_grad, atol=1e-12, rtol=1e-12)
+    assert torch.isfinite(got[0]).all() and got[0][1] == 0
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 5])), r"labels must be in \[0, 5\)"),
+    (lambda: prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, -3])), r"labels must be in"),
+    (lambda: prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1.0, 2.0])), "integer tensor"),
+    (lambda: prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 2, 3])), "labels shape"),
+    (lambda: prefopt.logprobs_from_logits(torch.randn(0, 5), torch.zeros(0, dtype=torch.long)), "empty"),
+    (lambda: prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 2]), temperature=0), "temperature"),
+    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 5), torch.tensor([1, 2])), "hidden size mismatch"),
+    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 4).double(), torch.tensor([1, 2])), "same dtype"),
+    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 4), torch.tensor([1, 9])), r"\[0, 9\)"),
+    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 4), torch.tensor([1, 2]), torch.randn(8)), "bias must have shape"),
+    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 4), torch.tensor([1, 2]), chunk_size=0), "chunk_size"),
+    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 4), torch.tensor([1, 2]), softcap=-1.0), "softcap"),
+    (lambda: prefopt.sequence_logps(torch.randn(6), cu_seqlens=torch.tensor([0, 4, 3, 6])), "non-decreasing"),
+    (lambda: prefopt.sequence_logps(torch.randn(6), cu_seqlens=torch.tensor([0, 4, 5])), "end at the number of tokens 6"),
+    (lambda: prefopt.sequence_logps(torch.randn(6)), "pass cu_seqlens"),
+    (lambda: prefopt.sequence_logps(torch.randn(2, 3), torch.ones(2, 4, dtype=torch.bool)), "mask shape"),
+])
+def test_bad_input_raises_before_any_kernel(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+def test_backend_selection_errors_and_context(monkeypatch):
+    with pytest.raises(ValueError, match="valid backends: auto, triton, cpp, torch"):
+        with prefopt.use_backend("cuda-magic"):
+            pass
+    monkeypatch.setenv("PREFOPT_BACKEND", "nope")
+    with pytest.raises(ValueError, match="PREFOPT_BACKEND"):
+        prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 2]))
+    monkeypatch.setenv("PREFOPT_BACKEND", "torch")
+    assert _backend.resolve(torch.device("cpu")) == "torch"
+    with prefopt.use_backend("auto"):
+        assert _backend.resolve(torch.device("cpu")) in ("cpp", "torch")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with prefopt.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 2]))
