@@ -6,8 +6,8 @@ __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "backend_info", "use_backend", "linear_logprobs", "logprobs_from_logits", "sequence_logps"]
 
-try:  # the loss family lives in its own subpackage
-    from prefopt.losses import kto_loss, preference_loss  # noqa: F401
-    __all__ += ["preference_loss", "kto_loss"]
-except ImportError:  # pragma: no cover - only while the losses subpackage is being built
-    pass
+from prefopt.losses import kto_loss, preference_loss  # noqa: E402
+from prefopt.fused import fused_linear_dpo_loss, fused_linear_preference_loss  # noqa: E402
+from prefopt import nn  # noqa: E402
+
+__all__ += ["preference_loss", "kto_loss", "fused_linear_preference_loss", "fused_linear_dpo_loss", "nn"]

@@ -1,0 +1,181 @@
+"""fused_linear_preference_loss against an eager path that materialises the logits (TRL's formulas)."""
+import pytest
+import torch
+
+import prefopt
+from prefopt.losses.reference import reference_cpo_loss, reference_dpo_loss
+from prefopt.reference import linear_logprobs_ref
+
+P, T, H, V = 2, 6, 8, 37
+
+
+def _batch(dtype, with_bias):
+    hidden = torch.randn(2 * P, T, H, dtype=dtype, requires_grad=True)
+    weight = torch.randn(V, H, dtype=dtype, requires_grad=True)
+    bias = torch.randn(V, dtype=dtype, requires_grad=True) if with_bias else None
+    labels = torch.randint(0, V, (2 * P, T))
+    labels[:, :2] = -100            # prompt positions
+    labels[0, -1] = -100            # padding
+    labels[P + 1, -3:] = -100       # a shorter rejected completion (LD-DPO tail)
+    ref_hidden = torch.randn(2 * P, T, H, dtype=dtype)
+    ref_weight = torch.randn(V, H, dtype=dtype)
+    return hidden, weight, bias, labels, ref_hidden, ref_weight
+
+
+def _eager(hidden, weight, bias, labels, ref_hidden, ref_weight, *, loss_type, beta, ld_alpha=None,
+           use_weighting=False, precomputed=None, **options):
+    """Materialise logits; TRL 1.16 DPOTrainer._compute_loss arithmetic for LD-DPO and WPO."""
+    mask = (labels != -100).to(hidden.dtype)
+    token_logps, log_sum_p2 = linear_logprobs_ref(hidden, weight, labels, bias, return_log_sum_p2=True)
+    lengths = mask.sum(1)
+
+    def sums(tokens):
+        if ld_alpha is None:
+            return (tokens * mask).sum(1)
+        position = mask.cumsum(1)
+        shared = torch.minimum(lengths[:P], lengths[P:]).repeat(2).unsqueeze(1)
+        shared_mask = (position > 0) & (position <= shared) & (mask > 0)
+        tail_mask = (position > shared) & (mask > 0)
+        return (tokens * shared_mask).sum(1) + ld_alpha * (tokens * tail_mask).sum(1)
+
+    logps = sums(token_logps)
+    if precomputed is not None:
+        ref_c, ref_r = precomputed
+    elif ref_hidden is not None:
+        with torch.no_grad():
+            ref_logps = sums(linear_logprobs_ref(ref_hidden, ref_weight, labels))
+        ref_c, ref_r = ref_logps[:P], ref_logps[P:]
+    weights = None
+    if use_weighting:
+        with torch.no_grad():
+            seq_w = (((token_logps - log_sum_p2) * mask).sum(1) / lengths.clamp_min(1)).exp()
+            weights = seq_w[:P] * seq_w[P:]
+    chosen_nll = -(token_logps * mask).sum(1)[:P]
+    if loss_type in ("simpo", "cpo", "orpo", "cpo_hinge", "cpo_ipo"):
+        return reference_cpo_loss(logps[:P], logps[P:], loss_type=loss_type, beta=beta, chosen_lengths=lengths[:P],
+                                  rejected_lengths=lengths[P:], chosen_nll=chosen_nll, nll_lengths=lengths[:P],
+                                  **options)
+    return reference_dpo_loss(logps[:P], logps[P:], ref_c, ref_r, loss_type=loss_type, beta=beta,
+                              chosen_lengths=lengths[:P], rejected_lengths=lengths[P:], chosen_nll=chosen_nll,
+                              nll_lengths=lengths[:P], policy_weights=weights, **options)
+
+
+def _loss_and_grads(fn, inputs):
+    loss, metrics = fn()
+    grads = torch.autograd.grad(loss, inputs)
+    return loss, grads, metrics
+
+
+CASES = [
+    dict(loss_type="sigmoid", beta=0.1),
+    dict(loss_type="ipo", beta=0.5),
+    dict(loss_type=["sigmoid", "sft"], beta=0.2, loss_weights=[1.0, 0.5]),
+    dict(loss_type="sigmoid", beta=0.1, rpo_alpha=0.7),
+    dict(loss_type="sigmoid", beta=0.1, ld_alpha=0.5),
+    dict(loss_type="hinge", beta=0.1, use_weighting=True),
+    dict(loss_type="apo_zero", beta=0.3, f_divergence_type="js_divergence") if False else
+    dict(loss_type="apo_zero", beta=0.3),
+    dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5),
+    dict(loss_type="orpo", beta=0.1),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_padded_live_reference_float64(backend, case, with_bias):
+    case = dict(case)
+    hidden, weight, bias, labels, ref_hidden, ref_weight = _batch(torch.float64, with_bias)
+    ref_free = case["loss_type"] in ("simpo", "orpo")
+    live = {} if ref_free else dict(ref_hidden=ref_hidden, ref_weight=ref_weight)
+    inputs = [t for t in (hidden, weight, bias) if t is not None]
+    with prefopt.use_backend(backend):
+        got = _loss_and_grads(lambda: prefopt.fused_linear_preference_loss(hidden, weight, labels, bias=bias, **live,
+                                                                           **case), inputs)
+    want = _eager(hidden, weight, bias, labels, None if ref_free else ref_hidden, ref_weight, **case)
+    want_grads = torch.autograd.grad(want, inputs)
+    torch.testing.assert_close(got[0], want, atol=1e-10, rtol=1e-10)
+    for g, w in zip(got[1], want_grads):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-9)
+    assert "rewards/margins" in got[2] and "logps/chosen" in got[2]
+
+
+def _pack(hidden, labels):
+    """Padded [2P, T] -> packed [N] with cu_seqlens, dropping each row's trailing padding."""
+    lengths = [int((row != -100).nonzero().max()) + 1 for row in labels]
+    packed_h = torch.cat([h[:n] for h, n in zip(hidden, lengths)])
+    packed_l = torch.cat([lab[:n] for lab, n in zip(labels, lengths)])
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    return packed_h, packed_l, cu
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("case", [dict(loss_type="sigmoid", beta=0.1), dict(loss_type="sigmoid", beta=0.1, ld_alpha=0.3),
+                                  dict(loss_type="ipo", beta=0.5, use_weighting=True)], ids=str)
+def test_packed_equals_padded_and_precomputed_equals_live(dtype, tol, case):
+    hidden, weight, _, labels, ref_hidden, ref_weight = _batch(dtype, False)
+    with prefopt.use_backend("torch"):
+        padded, padded_grads, _ = _loss_and_grads(lambda: prefopt.fused_linear_dpo_loss(
+            hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, **case), [hidden, weight])
+        packed_h, packed_l, cu = _pack(hidden, labels)
+        packed_ref, _, _ = _pack(ref_hidden, labels)
+        packed, packed_grads, _ = _loss_and_grads(lambda: prefopt.fused_linear_dpo_loss(
+            packed_h, weight, packed_l, cu_seqlens=cu, ref_hidden=packed_ref, ref_weight=ref_weight, **case),
+            [hidden, weight])
+        ref_tokens = linear_logprobs_ref(ref_hidden, ref_weight, labels)
+        eager = _eager(hidden, weight, None, labels, ref_hidden, ref_weight, **case)
+        mask = labels != -100
+        if "ld_alpha" not in case:
+            ref_seq = (ref_tokens * mask).sum(1)
+            pre, pre_grads, _ = _loss_and_grads(lambda: prefopt.fused_linear_dpo_loss(
+                hidden, weight, labels, ref_chosen_logps=ref_seq[:P], ref_rejected_logps=ref_seq[P:], **case),
+                [hidden, weight])
+            torch.testing.assert_close(pre, padded, atol=tol, rtol=tol)
+    torch.testing.assert_close(padded, eager.to(dtype), atol=tol, rtol=tol)
+    torch.testing.assert_close(packed, padded, atol=tol, rtol=tol)
+    for a, b in zip(packed_grads, padded_grads):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def test_module_form_matches_function():
+    hidden, weight, _, labels, ref_hidden, ref_weight = _batch(torch.float64, False)
+    loss_fn = prefopt.nn.FusedLinearPreferenceLoss(loss_type="sigmoid", beta=0.2)
+    loss, _ = loss_fn(weight, hidden, labels, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    want, _ = prefopt.fused_linear_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                            beta=0.2)
+    assert torch.equal(loss, want)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(hidden=torch.randn(3, 4, 8)), "even number of sequences"),
+    (dict(hidden=torch.randn(4, 8)), "pass cu_seqlens"),
+    (dict(ref=False), "needs a reference"),
+    (dict(both=True), "not both"),
+    (dict(ref_hidden_only=True), "both ref_hidden and ref_weight"),
+    (dict(cu=torch.tensor([0, 3, 2, 5, 8])), "non-decreasing"),
+    (dict(cu=torch.tensor([0, 3, 5, 7])), "even number of sequences"),
+    (dict(cu=torch.tensor([0, 2, 4, 6, 7])), "end at the number of tokens 8"),
+])
+def test_bad_input(kwargs, message):
+    weight = torch.randn(V, 8)
+    hidden = kwargs.get("hidden", torch.randn(4, 5, 8))
+    ref = dict(ref_hidden=torch.randn(4, 5, 8), ref_weight=weight)
+    if "cu" in kwargs:
+        hidden = torch.randn(8, 8)
+        ref = dict(ref_hidden=torch.randn(8, 8), ref_weight=weight)
+    labels = torch.randint(0, V, hidden.shape[:-1])
+    if kwargs.get("ref") is False:
+        ref = {}
+    if kwargs.get("both"):
+        ref.update(ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2))
+    if kwargs.get("ref_hidden_only"):
+        ref.pop("ref_weight")
+    with pytest.raises(ValueError, match=message):
+        prefopt.fused_linear_dpo_loss(hidden, weight, labels, cu_seqlens=kwargs.get("cu"), **ref)
+
+
+def test_memory_flat_in_vocab_is_shown_by_tile_size():
+    """The CPU head's tile is capped in elements, so the logits-sized buffer never appears as V grows."""
+    from prefopt.cpu.chunked import TILE_ELEMENTS, chunk_rows
+    for vocab in (32_000, 128_000, 262_144):
+        assert chunk_rows(65_536, vocab, None) * vocab <= TILE_ELEMENTS
