@@ -12,6 +12,7 @@ import torch
 from prefopt.api import linear_logprobs, sequence_logps
 from prefopt.losses import preference_loss
 from prefopt.losses.table import REF_FREE_LOSSES
+from prefopt.weights import ld_dpo_token_weights, wpo_pair_weights
 
 
 def _is_ref_free(loss_type) -> bool:
@@ -67,25 +68,6 @@ def _check_reference(ref_hidden, ref_weight, ref_chosen_logps, ref_rejected_logp
     return live
 
 
-def _ld_weights(mask, cu_seqlens, n_pairs, ld_alpha):
-    """LD-DPO token weights: 1 on the first min(len_chosen, len_rejected) completion tokens, ld_alpha past them."""
-    if cu_seqlens is None:
-        position = mask.cumsum(dim=1)                       # 1-based index among completion tokens
-        lengths = mask.sum(dim=1)
-        shared = torch.minimum(lengths[:n_pairs], lengths[n_pairs:]).repeat(2).unsqueeze(1)
-    else:
-        segment_lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        segment = torch.repeat_interleave(torch.arange(segment_lengths.numel(), device=mask.device), segment_lengths)
-        running = mask.cumsum(0)
-        before = torch.cat([running.new_zeros(1), running])[cu_seqlens[:-1]]  # completion tokens before each segment
-        position = running - before[segment]
-        lengths = running[cu_seqlens[1:] - 1] - before if mask.numel() else before
-        lengths = torch.where(segment_lengths > 0, lengths, torch.zeros_like(lengths))
-        shared = torch.minimum(lengths[:n_pairs], lengths[n_pairs:]).repeat(2)[segment]
-    weights = torch.where(position <= shared, 1.0, float(ld_alpha))
-    return weights * mask
-
-
 def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None,
                                  ref_bias=None, ref_chosen_logps=None, ref_rejected_logps=None, cu_seqlens=None,
                                  ignore_index=-100, temperature=1.0, softcap=None, logit_scale=1.0, chunk_size=None,
@@ -111,7 +93,7 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
     outputs = linear_logprobs(hidden, weight, labels, bias, return_log_sum_p2=use_weighting, **head)
     token_logps, log_sum_p2 = outputs if use_weighting else (outputs, None)
     mask = (labels != ignore_index).to(token_logps.dtype)
-    weights = mask if ld_alpha is None else _ld_weights(mask, cu_seqlens, n_pairs, ld_alpha)
+    weights = mask if ld_alpha is None else ld_dpo_token_weights(mask, n_pairs, ld_alpha, cu_seqlens)
 
     logps = sequence_logps(token_logps, weights, cu_seqlens=cu_seqlens)
     lengths = sequence_logps(mask, cu_seqlens=cu_seqlens).detach()  # completion token counts
@@ -126,13 +108,7 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
             ref_logps = sequence_logps(ref_tokens, weights, cu_seqlens=cu_seqlens)
         ref_chosen_logps, ref_rejected_logps = ref_logps[:n_pairs], ref_logps[n_pairs:]
 
-    policy_weights = None
-    if use_weighting:
-        # WPO (TRL use_weighting): w = exp(mean_t (log p_t - log sum_v p_v^2)) per sequence, chosen x rejected.
-        with torch.no_grad():
-            aligned = sequence_logps(token_logps.detach() - log_sum_p2, mask, cu_seqlens=cu_seqlens, average=True)
-            sequence_weights = aligned.exp()
-            policy_weights = sequence_weights[:n_pairs] * sequence_weights[n_pairs:]
+    policy_weights = wpo_pair_weights(token_logps, log_sum_p2, mask, n_pairs, cu_seqlens) if use_weighting else None
 
     return preference_loss(logps[:n_pairs], logps[n_pairs:], ref_chosen_logps, ref_rejected_logps,
                            loss_type=loss_type, beta=beta, chosen_lengths=lengths[:n_pairs],

@@ -1,0 +1,17 @@
+"""Integrations with the Hugging Face stack (imported lazily: `transformers`, `peft`, `trl` stay optional).
+
+* `prefopt.integrations.transformers` - `head_of`, `last_hidden_states`, `shift_labels`, `sequence_logps`:
+  per-sequence log-probs of a causal LM without materialising its logits.
+* `prefopt.integrations.trl` - `PrefoptDPOTrainer` / `patch_dpo_trainer`: TRL's `DPOTrainer` on prefopt's
+  fused path (one-line switch).
+* `prefopt.integrations.tiny` - tiny random HF models and a local tokenizer (tests, examples, smoke runs).
+"""
+import importlib
+
+__all__ = ["transformers", "trl", "tiny"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,316 @@
+"""TRL drop-in: `trl.DPOTrainer` on prefopt's fused path, switched on with one line.
+
+    from prefopt.integrations.trl import PrefoptDPOTrainer as DPOTrainer     # same constructor, same DPOConfig
+
+or, for a trainer that already exists (note: reference log-probs precomputed in its constructor stay TRL's):
+
+    trainer = patch_dpo_trainer(trainer)
+
+What changes: the policy and reference forwards run the backbone only; the last hidden states go through
+`prefopt.linear_logprobs` (fused LM head with the model's softcap / logit scale, no `[tokens, vocab]` logits),
+the per-sequence sums (and LD-DPO weights) through `prefopt.sequence_logps`, and the loss through
+`prefopt.preference_loss` (the loss table). Honoured from `DPOConfig`: `loss_type` (str or list) with
+`loss_weights`, `beta`, `label_smoothing`, `f_divergence_type` / `f_alpha_divergence_coef`, `discopop_tau`,
+`use_weighting` (WPO), `ld_alpha` (LD-DPO), `precompute_ref_log_probs` (/ `precompute_ref_batch_size`),
+`rpo_alpha` (older TRL; TRL 1.x spells it `loss_type=[..., "sft"]`), an explicit `ref_model`, and PEFT models
+(reference = adapter disabled, or the "ref" adapter when re-training a loaded one). Metrics keep TRL's names.
+
+The override point is `DPOTrainer._compute_loss` (everything `compute_loss`, `training_step`, `evaluate` and
+`prediction_step` go through) and `compute_ref_log_probs` (the precompute pass). The policy still runs
+*through* `model(...)` (a keyword the patched `forward` of the unwrapped transformers model intercepts), so
+DDP / DeepSpeed / PEFT wrappers see a normal forward and the head's gradient is computed inside it.
+
+Batches TRL's collator builds that prefopt does not handle (vision inputs, MoE router aux loss, prompt-learning
+PEFT) fall back to TRL's own `_compute_loss` with a one-time warning.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+import warnings
+
+import torch
+from trl import DPOTrainer
+
+import prefopt
+from prefopt.weights import ld_dpo_token_weights, wpo_pair_weights
+from prefopt.integrations.transformers import (head_inputs, head_of, is_peft_model, last_hidden_states,
+                                               shift_labels, unwrap_model)
+
+__all__ = ["PrefoptDPOTrainer", "PrefoptDPOMixin", "patch_dpo_trainer", "install_prefopt_forward"]
+
+_TEXT_KEYS = frozenset({"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
+_DROP_KWARGS = ("labels", "output_attentions", "output_hidden_states", "return_dict", "use_cache", "fused_lm_head",
+                "shift_labels", "num_items_in_batch", "logits_to_keep")
+_STATS_TILE_BYTES = 32 * 2 ** 20
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the patched forward: backbone + fused head, per-token outputs (what TRL's fused head returns, from prefopt)
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _logit_stats(hidden, spec, labels, temperature):
+    """Mean transformed logit and is-argmax of each labelled row (no grad; one extra forward GEMM, tiled)."""
+    weight, bias = spec.weight.detach(), None if spec.bias is None else spec.bias.detach()
+    rows = max(1, _STATS_TILE_BYTES // (4 * weight.shape[0]))
+    means, top1 = [], []
+    for start in range(0, hidden.shape[0], rows):
+        z = torch.nn.functional.linear(hidden[start:start + rows].to(weight.dtype), weight, bias).float()
+        z = z * spec.logit_scale
+        if spec.softcap:
+            z = spec.softcap * torch.tanh(z / spec.softcap)
+        z = z / temperature
+        means.append(z.mean(-1))
+        top1.append(z.argmax(-1) == labels[start:start + rows])
+    return torch.cat(means), torch.cat(top1)
+
+
+def _prefopt_forward_impl(model, args, kwargs, request):
+    """Run by the patched forward when called with `prefopt=request` (a dict)."""
+    for key in _DROP_KWARGS:
+        kwargs.pop(key, None)
+    if kwargs.get("inputs_embeds", None) is None:
+        kwargs.pop("inputs_embeds", None)
+    input_ids = args[0] if args else kwargs.pop("input_ids")
+    attention_mask = kwargs.pop("attention_mask", None)
+    position_ids = kwargs.pop("position_ids", None)
+    completion_mask = request.get("completion_mask")
+    temperature = float(request.get("temperature", 1.0))
+    hidden = last_hidden_states(model, input_ids, attention_mask, position_ids, **kwargs)
+    spec = head_of(model)
+    labels = shift_labels(input_ids, completion_mask, position_ids=position_ids).to(spec.weight.device)
+    hidden, weight, bias = head_inputs(hidden, spec)
+    want_entropy, want_sqsum = bool(request.get("entropy")), bool(request.get("log_sum_p2"))
+    out = prefopt.linear_logprobs(hidden, weight, labels, bias, temperature=temperature,
+                                  softcap=spec.softcap, logit_scale=spec.logit_scale, return_entropy=want_entropy,
+                                  return_log_sum_p2=want_sqsum)
+    out = list(out) if isinstance(out, tuple) else [out]
+    result = types.SimpleNamespace(log_probs=out.pop(0), labels=labels, label_mask=labels != -100,
+                                   entropy=out.pop(0) if want_entropy else None,
+                                   log_sum_sq_probs=out.pop(0) if want_sqsum else None,
+                                   mean_logits=None, is_top1=None)
+    if request.get("logit_stats"):
+        mask = result.label_mask
+        mean_rows, top1_rows = _logit_stats(hidden.detach()[mask], spec, labels[mask], temperature)
+        result.mean_logits = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+        result.mean_logits[mask] = mean_rows
+        result.is_top1 = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+        result.is_top1[mask] = top1_rows
+    return result
+
+
+def install_prefopt_forward(model):
+    """Patch the forward of the transformers model inside `model` (idempotent; returns the patched module).
+
+    `model(input_ids=..., attention_mask=..., prefopt={"completion_mask": m, "entropy": bool, "log_sum_p2": bool,
+    "logit_stats": bool, "temperature": t})` then returns per-token `log_probs` [B, T] (position t scores token
+    t + 1, 0 where not a completion token), `labels`, `label_mask` and the requested extras, without logits.
+    Without the `prefopt` keyword the forward is the previous one (generation, TRL's own paths unchanged).
+    """
+    target = unwrap_model(model)
+    if getattr(target, "_prefopt_forward_installed", False):
+        return target
+    previous = target.forward
+
+    def forward(self, *args, prefopt=None, **kwargs):
+        if prefopt is None:
+            return previous(*args, **kwargs)
+        return _prefopt_forward_impl(self, args, kwargs, prefopt)
+
+    target.forward = types.MethodType(forward, target)
+    target._prefopt_forward_installed = True
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the trainer
+# ----------------------------------------------------------------------------------------------------------------
+class PrefoptDPOMixin:
+    """Overrides of `trl.DPOTrainer` (see the module docstring). Mix in before `DPOTrainer`."""
+
+    #: log TRL's `logits/chosen`, `logits/rejected` and `mean_token_accuracy` (exact; costs one extra no-grad
+    #: forward GEMM over the completion tokens). False skips that pass and logs NaN for them.
+    prefopt_logits_metrics = True
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    def _prefopt_supported(self, inputs):
+        if getattr(self, "aux_loss_enabled", False) or getattr(self, "_is_vlm", False):
+            return False
+        if not set(inputs) <= _TEXT_KEYS:
+            return False
+        try:
+            unwrap_model(self.model)
+        except NotImplementedError:  # prompt-learning PEFT
+            return False
+        return True
+
+    def _prefopt_fallback_warning(self, inputs):
+        if not getattr(self, "_prefopt_warned", False):
+            self._prefopt_warned = True
+            warnings.warn("prefopt: this batch/model is not supported by the fused path (vision inputs, MoE router "
+                          f"aux loss or prompt-learning PEFT; batch keys {sorted(inputs)}); using TRL's own loss",
+                          stacklevel=3)
+
+    def _prefopt_peft_reference(self):
+        """Context that turns the PEFT policy into the reference (adapter disabled, or the 'ref' adapter)."""
+        if getattr(self, "ref_model", None) is not None or not is_peft_model(self.accelerator.unwrap_model(self.model)):
+            return contextlib.nullcontext()
+        from trl.trainer.utils import use_adapter
+
+        peft_model = self.accelerator.unwrap_model(self.model)
+        return use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
+
+    def _prefopt_sequence_logps(self, per_token, label_mask):
+        """Per-sequence sums of the completion log-probs; LD-DPO weights the tail past the shared length."""
+        if self.ld_alpha is None:
+            return prefopt.sequence_logps(per_token, label_mask)
+        weights = ld_dpo_token_weights(label_mask, label_mask.shape[0] // 2, self.ld_alpha)
+        return prefopt.sequence_logps(per_token, weights)
+
+    def _prefopt_forward(self, model, inputs, **request):
+        request["completion_mask"] = inputs["completion_mask"]
+        # accelerate wraps `model.forward` in autocast at prepare time; the patched forward may sit outside that
+        # wrapper (installed later), so the trainer's mixed-precision context is applied here as well
+        with self.accelerator.autocast():
+            return model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                         use_cache=False, prefopt=request)
+
+    # ---- reference -----------------------------------------------------------------------------------------
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs of one padded batch (the precompute pass), on prefopt's fused head."""
+        if not self._prefopt_supported(inputs):
+            return super().compute_ref_log_probs(model, inputs)
+        from trl.models.utils import disable_gradient_checkpointing
+
+        install_prefopt_forward(model)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                self._prefopt_peft_reference(), self.accelerator.autocast():
+            out = self._prefopt_forward(model, inputs)
+            ref_logps = self._prefopt_sequence_logps(out.log_probs, out.label_mask)
+        return ref_logps.chunk(2, dim=0)
+
+    def _prefopt_reference(self, inputs):
+        from trl.models.utils import disable_gradient_checkpointing
+
+        if self.precompute_ref_logps:
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        ref_model = self.ref_model if self.ref_model is not None else self.model
+        install_prefopt_forward(ref_model)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                self._prefopt_peft_reference():
+            out = self._prefopt_forward(ref_model, inputs)
+            ref_logps = self._prefopt_sequence_logps(out.log_probs, out.label_mask)
+        return ref_logps.chunk(2, dim=0)
+
+    # ---- loss ----------------------------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs, return_outputs):
+        if not self._prefopt_supported(inputs):
+            self._prefopt_fallback_warning(inputs)
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        install_prefopt_forward(model)
+        completion_mask = inputs["completion_mask"]
+        logit_stats = bool(self.prefopt_logits_metrics)
+        out = self._prefopt_forward(model, inputs, entropy=True, log_sum_p2=bool(self.use_weighting),
+                                    logit_stats=logit_stats)
+        per_token, label_mask = out.log_probs, out.label_mask
+        logps = self._prefopt_sequence_logps(per_token, label_mask)
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+        ref_chosen_logps, ref_rejected_logps = self._prefopt_reference(inputs)
+        ref_chosen_logps = ref_chosen_logps.to(chosen_logps.device, chosen_logps.dtype)
+        ref_rejected_logps = ref_rejected_logps.to(chosen_logps.device, chosen_logps.dtype)
+        n_pairs = chosen_logps.shape[0]
+
+        # TRL normalises ipo / sigmoid_norm scores by the (unshifted) completion-mask counts
+        chosen_lengths, rejected_lengths = completion_mask.sum(dim=1).chunk(2, dim=0)
+        loss_types = list(self.loss_types)
+        rpo_alpha = getattr(self.args, "rpo_alpha", None)
+        chosen_nll = None
+        if "sft" in loss_types or rpo_alpha is not None:
+            chosen_mask = label_mask[:n_pairs]
+            chosen_nll = -(per_token[:n_pairs] * chosen_mask).sum() / chosen_mask.sum().clamp(min=1)
+        policy_weights = None
+        if self.use_weighting:  # WPO (Eq. 2): per-pair product of exp(mean aligned token logp), no grad
+            policy_weights = wpo_pair_weights(per_token, out.log_sum_sq_probs, label_mask, n_pairs)
+        loss, _ = prefopt.preference_loss(
+            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+            loss_type=loss_types, beta=self.beta, label_smoothing=self.label_smoothing,
+            loss_weights=list(self.loss_weights), f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            discopop_tau=getattr(self.args, "discopop_tau", 0.05), chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths, chosen_nll=chosen_nll, rpo_alpha=rpo_alpha,
+            policy_weights=policy_weights, bco_running_mean=0.0)  # TRL >= 1.0's bco_pair has no reward shift
+
+        self._prefopt_log_metrics(mode, inputs, out, label_mask, n_pairs, chosen_logps, rejected_logps,
+                                  ref_chosen_logps, ref_rejected_logps, logit_stats)
+        if return_outputs:
+            warnings.warn("`return_outputs=True` recomputes the logits with an extra forward pass (as TRL does)",
+                          stacklevel=2)
+            with torch.no_grad():
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                                use_cache=False)
+            return loss, outputs
+        return loss
+
+    def _prefopt_log_metrics(self, mode, inputs, out, label_mask, n_pairs, chosen_logps, rejected_logps,
+                             ref_chosen_logps, ref_rejected_logps, logit_stats):
+        """TRL's metrics, under TRL's names, gathered across processes the way TRL gathers them."""
+        acc = self.accelerator
+        metrics = self._metrics[mode]
+        mask = label_mask
+        entropy_sum = acc.gather_for_metrics((out.entropy.detach() * mask).sum()).sum()
+        total_tokens = acc.gather_for_metrics(mask.sum()).sum()
+        metrics["entropy"].append((entropy_sum / total_tokens).item() if total_tokens > 0 else 0.0)
+        if mode == "train":
+            num_tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += num_tokens // getattr(self, "_tp_size", 1)
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+        chosen_mask, rejected_mask = mask[:n_pairs], mask[n_pairs:]
+        if logit_stats:
+            chosen_ml, rejected_ml = out.mean_logits[:n_pairs], out.mean_logits[n_pairs:]
+            tc = acc.gather_for_metrics(chosen_ml[chosen_mask].sum()).sum().item()
+            nc = acc.gather_for_metrics(chosen_mask.sum()).sum().item()
+            tr = acc.gather_for_metrics(rejected_ml[rejected_mask].sum()).sum().item()
+            nr = acc.gather_for_metrics(rejected_mask.sum()).sum().item()
+            metrics["logits/chosen"].append(tc / nc if nc > 0 else 0.0)
+            metrics["logits/rejected"].append(tr / nr if nr > 0 else 0.0)
+            correct = acc.gather_for_metrics((out.is_top1[:n_pairs] & chosen_mask).sum()).sum()
+            metrics["mean_token_accuracy"].append((correct / nc).item() if nc > 0 else 0.0)
+        else:
+            for key in ("logits/chosen", "logits/rejected", "mean_token_accuracy"):
+                metrics[key].append(float("nan"))
+
+        chosen_rewards = self.beta * (chosen_logps.detach() - ref_chosen_logps.detach())
+        rejected_rewards = self.beta * (rejected_logps.detach() - ref_rejected_logps.detach())
+        metrics["rewards/chosen"].append(acc.gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(acc.gather(rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append(acc.gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics["rewards/margins"].append(acc.gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(acc.gather(chosen_logps.detach()).mean().item())
+        metrics["logps/rejected"].append(acc.gather(rejected_logps.detach()).mean().item())
+
+
+class PrefoptDPOTrainer(PrefoptDPOMixin, DPOTrainer):
+    """`trl.DPOTrainer` on prefopt's fused path: same constructor, same `DPOConfig`, TRL's metric names."""
+
+
+_PATCHED_CLASSES = {}
+
+
+def patch_dpo_trainer(trainer, *, logits_metrics=True):
+    """Switch an existing `trl.DPOTrainer` (or subclass) instance to prefopt's fused path; returns it.
+
+    Its class is swapped for a subclass with `PrefoptDPOMixin` first in the MRO, so the instance, its state and
+    callbacks are kept. Reference log-probs already precomputed by its constructor (`precompute_ref_log_probs`)
+    are kept as TRL computed them (TRL's own chunked head; equal to prefopt's up to fp rounding).
+    """
+    if not isinstance(trainer, DPOTrainer):
+        raise TypeError(f"patch_dpo_trainer expects a trl.DPOTrainer, got {type(trainer).__name__}")
+    cls = type(trainer)
+    if not issubclass(cls, PrefoptDPOMixin):
+        if cls not in _PATCHED_CLASSES:
+            _PATCHED_CLASSES[cls] = type(f"Prefopt{cls.__name__}", (PrefoptDPOMixin, cls), {})
+        trainer.__class__ = _PATCHED_CLASSES[cls]
+    trainer.prefopt_logits_metrics = bool(logits_metrics)
+    return trainer
