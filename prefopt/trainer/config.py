@@ -1,0 +1,351 @@
+"""TrainConfig: the trainer's settings, with TRL `DPOConfig` / `KTOConfig` names where TRL has one.
+
+Sources, later wins: dataclass defaults < `--config file.yaml|json` < command-line flags.
+The defaults are the embedded demo (tiny random Llama on the shipped sort-the-digits data, ~1 min on a
+laptop CPU); for a real model set at least `model`, `dataset`, `learning_rate` (TRL default: 1e-6).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+
+class PrefoptInputError(ValueError):
+    """Bad user input (config, data, checkpoint). The CLI prints the message without a traceback."""
+
+
+# TRL loss names, used only when the loss module cannot tell us its own list.
+_FALLBACK_PAIRED_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                           "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+                           "simpo", "orpo", "cpo")
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
+
+
+@dataclass
+class TrainConfig:
+    # ---- what to train -------------------------------------------------------------------------------
+    model: str = "tiny-llama"
+    """'tiny-llama' (random-init tiny Llama built from a config), a local HF model directory
+    (config.json + weights), or 'package.module:factory' returning an nn.Module (see docs/trainer.md)."""
+    model_config: dict = field(default_factory=dict)
+    """Overrides of the tiny model's config (e.g. {"hidden_size": 128, "num_hidden_layers": 4})."""
+    tokenizer: Optional[str] = None
+    """Local HF tokenizer directory or tokenizer.json file; default: the shipped character tokenizer."""
+    dataset: Optional[str] = None
+    """Preference JSONL (prompt/chosen/rejected, or prompt/completion/label for KTO); default: shipped data."""
+    output_dir: Optional[str] = None
+    """Run directory; default runs/<timestamp>."""
+    resume: Optional[str] = None
+    """'latest' (newest checkpoint in output_dir) or a checkpoint directory."""
+
+    # ---- loss (TRL DPOConfig / KTOConfig names) ----------------------------------------------------
+    beta: float = 0.1
+    loss_type: Union[str, list] = "sigmoid"
+    loss_weights: Optional[list] = None
+    label_smoothing: float = 0.0
+    rpo_alpha: Optional[float] = None
+    use_weighting: bool = False
+    ld_alpha: Optional[float] = None
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 1.0
+    reference_free: bool = False
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    temperature: float = 1.0
+
+    # ---- data ------------------------------------------------------------------------------------------
+    max_length: Optional[int] = 1024
+    max_prompt_length: Optional[int] = 512
+    truncation_mode: str = "keep_end"
+    """How an over-long prompt is cut: keep_end (drop its start, TRL default for prompts) or keep_start."""
+    padding_free: bool = False
+    """Pack sequences into one row with position_ids / cu_seqlens instead of padding."""
+
+    # ---- optimisation ----------------------------------------------------------------------------------
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    warmup_ratio: float = 0.1
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    precompute_ref_log_probs: bool = False
+
+    # ---- logging / saving ------------------------------------------------------------------------------
+    logging_steps: int = 5
+    save_steps: int = 0
+    """Checkpoint every N optimizer steps (0: only at the end)."""
+    save_total_limit: Optional[int] = 2
+    disable_tqdm: bool = False
+    device: str = "auto"
+    backend: Optional[str] = None
+    """prefopt kernel backend (auto|triton|cpp|torch); default: PREFOPT_BACKEND or auto."""
+
+    # ------------------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def loss_types(self) -> list:
+        if isinstance(self.loss_type, str):
+            return [s.strip() for s in self.loss_type.split(",") if s.strip()]
+        return list(self.loss_type)
+
+    @property
+    def is_kto(self) -> bool:
+        return any(t in KTO_LOSSES for t in self.loss_types)
+
+    def validate(self):
+        def bad(msg):
+            raise PrefoptInputError(msg)
+
+        types = self.loss_types
+        if not types:
+            bad("loss_type is empty")
+        check_loss_names(types)
+        if any(t in KTO_LOSSES for t in types) and len(types) > 1:
+            bad(f"KTO losses ({', '.join(KTO_LOSSES)}) cannot be combined with other loss types: {types}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(types):
+            bad(f"loss_weights has {len(self.loss_weights)} entries but loss_type has {len(types)}: {types}")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            if int(getattr(self, name)) < 1:
+                bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("logging_steps",):
+            if int(getattr(self, name)) < 1:
+                bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.save_steps < 0:
+            bad(f"save_steps must be >= 0, got {self.save_steps}")
+        if self.max_length is not None and self.max_length < 2:
+            bad(f"max_length must be >= 2 (or null), got {self.max_length}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            bad(f"max_prompt_length must be >= 1 (or null), got {self.max_prompt_length}")
+        if self.truncation_mode not in ("keep_end", "keep_start"):
+            bad(f"truncation_mode must be 'keep_end' or 'keep_start', got {self.truncation_mode!r}")
+        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
+            bad("nothing to train: set max_steps > 0 or num_train_epochs > 0")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            bad(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.learning_rate < 0 or self.beta <= 0 and "sft" not in types:
+            bad(f"learning_rate must be >= 0 and beta > 0 (got {self.learning_rate}, {self.beta})")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            bad(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            bad(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.resume is not None and self.resume != "latest" and not os.path.isdir(self.resume):
+            bad(f"--resume: checkpoint directory {self.resume!r} does not exist (use 'latest' or a checkpoint-N dir)")
+        if self.resume == "latest" and not self.output_dir:
+            bad("--resume latest needs --output_dir (the run directory holding checkpoint-N folders)")
+        if not isinstance(self.model_config, dict):
+            bad(f"model_config must be a mapping, got {type(self.model_config).__name__}")
+
+    # ---- serialisation ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PrefoptInputError(f"{source}: unknown setting(s) {', '.join(unknown)}; valid settings: "
+                                    f"{', '.join(sorted(known))}")
+        return cls(**{k: _coerce(k, v, source) for k, v in data.items()})
+
+    @classmethod
+    def from_file(cls, path: str) -> "TrainConfig":
+        return cls.from_dict(load_config_file(path), source=path)
+
+    @classmethod
+    def from_args(cls, argv=None) -> "TrainConfig":
+        """Parse `prefopt train` flags (plus --config FILE) into a config."""
+        parser = build_arg_parser()
+        args = parser.parse_args(argv)
+        data = load_config_file(args.config) if args.config else {}
+        flags = {k: v for k, v in vars(args).items() if k != "config"}
+        data.update(flags)
+        return cls.from_dict(data, source=args.config or "command line")
+
+
+# ---------------------------------------------------------------------------------------------------------
+def valid_loss_names() -> tuple:
+    """Loss names the loss module accepts: its paired LOSS_TYPES plus the KTO ones."""
+    try:
+        from prefopt.losses import LOSS_TYPES
+        return tuple(LOSS_TYPES) + KTO_LOSSES
+    except ImportError:  # pragma: no cover - only while the losses subpackage is being built
+        return _FALLBACK_PAIRED_LOSSES + KTO_LOSSES
+
+
+def check_loss_names(types):
+    """Reuse the loss module's validation, so the message lists the valid names the loss module knows."""
+    paired = [t for t in types if t not in KTO_LOSSES]
+    if not paired:
+        return
+    try:
+        from prefopt.losses.api import _normalize_loss_types
+    except ImportError:  # pragma: no cover
+        _normalize_loss_types = None
+    if _normalize_loss_types is not None:
+        try:
+            _normalize_loss_types(paired)
+        except (TypeError, ValueError) as err:
+            msg = str(err).replace(" (unpaired KTO: prefopt.kto_loss)", "")
+            if "unknown loss_type" in msg:
+                msg += f"; for unpaired (KTO) data: {', '.join(KTO_LOSSES)}"
+            raise PrefoptInputError(f"loss_type: {msg}") from None
+        return
+    for name in paired:
+        if name not in valid_loss_names():
+            raise PrefoptInputError(f"unknown loss_type {name!r}; valid loss types: {', '.join(valid_loss_names())}")
+
+
+def load_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise PrefoptInputError(f"--config: file {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except Exception as err:
+        raise PrefoptInputError(f"{path}: cannot parse config: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PrefoptInputError(f"{path}: a config file must hold a mapping of setting -> value")
+    return data
+
+
+def _field_types():
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _base_type(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is Union:
+        return args
+    return [tp]
+
+
+def _coerce(name, value, source):
+    """Coerce YAML/JSON/CLI values to the field's type, with a clear message on failure."""
+    tp = _field_types()[name]
+    bases = _base_type(tp)
+    if value is None:
+        return None
+    try:
+        if bool in bases:
+            return _str2bool(value)
+        if dict in bases:
+            return json.loads(value) if isinstance(value, str) else dict(value)
+        if list in bases and str in bases:  # loss_type: str or list
+            return value if isinstance(value, (str, list)) else str(value)
+        if list in bases:  # loss_weights
+            if isinstance(value, str):
+                value = [v for v in value.replace(",", " ").split()]
+            return [float(v) for v in value]
+        if int in bases:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("not an integer")
+            return int(value)
+        if float in bases:
+            return float(value)
+        if str in bases:
+            return str(value)
+    except (TypeError, ValueError, json.JSONDecodeError) as err:
+        raise PrefoptInputError(f"{source}: bad value {value!r} for {name}: {err}") from None
+    return value
+
+
+def _str2bool(value):
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "y", "on"):
+        return True
+    if text in ("0", "false", "no", "n", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
+def build_arg_parser(prog="prefopt train"):
+    parser = argparse.ArgumentParser(
+        prog=prog, argument_default=argparse.SUPPRESS,
+        description="Train a causal LM with a DPO-family (or KTO) loss using prefopt's fused head. With no "
+                    "arguments: the embedded demo (tiny random Llama on the shipped data, ~1 min on CPU).")
+    parser.add_argument("--config", default=None, help="YAML or JSON file of settings (flags override it)")
+    docs = _field_docs()
+    for f in dataclasses.fields(TrainConfig):
+        bases = _base_type(_field_types()[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = (docs.get(f.name, "") + f" (default: {default})").strip()
+        if bool in bases:
+            parser.add_argument(f"--{f.name}", nargs="?", const=True, metavar="BOOL", help=help_text)
+        elif f.name == "resume":
+            parser.add_argument("--resume", nargs="?", const="latest", metavar="CKPT", help=help_text)
+        else:
+            parser.add_argument(f"--{f.name}", metavar=f.name.upper(), help=help_text)
+    return parser
+
+
+def _field_docs():
+    """Attribute docstrings of TrainConfig, for --help."""
+    import ast
+    import inspect
+    try:
+        tree = ast.parse(inspect.getsource(TrainConfig))
+    except (OSError, TypeError):
+        return {}
+    docs, last = {}, None
+    for node in tree.body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            last = node.target.id
+        elif (isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant)
+              and isinstance(node.value.value, str) and last):
+            docs[last] = " ".join(node.value.value.split())
+            last = None
+        else:
+            last = None
+    return docs
+
+
+# Settings that may differ between a run and its --resume (they do not change the computation).
+RESUME_FREE = ("output_dir", "resume", "logging_steps", "save_steps", "save_total_limit", "disable_tqdm",
+               "device", "backend")
+
+
+def resume_mismatch(saved: dict, current: "TrainConfig") -> list:
+    """Settings that differ between a checkpoint's config and the current one (except RESUME_FREE)."""
+    now = current.to_dict()
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        if key in RESUME_FREE:
+            continue
+        if saved.get(key) != now.get(key):
+            diffs.append(f"{key}: checkpoint {saved.get(key)!r} != now {now.get(key)!r}")
+    return diffs
+
+
+def as_jsonable(cfg: "TrainConfig") -> dict:
+    return json.loads(json.dumps(cfg.to_dict(), default=str))
+
+
+def config_field_names():
+    return [f.name for f in dataclasses.fields(TrainConfig)]

@@ -1,0 +1,574 @@
+"""The training loop: data order, micro-batches, loss through prefopt's fused head, AdamW, checkpoints, DDP.
+
+Everything that can fail on bad input (config, data, tokenizer, model, --resume checkpoint) is checked in
+`Trainer.__init__`, before the run directory is created, so a bad invocation leaves no files behind.
+
+Data order: epoch e visits the rows in `randperm(N, seed, e)`; optimizer step s uses the global batch
+rows [s' * G, (s' + 1) * G) of its epoch (G = per_device_train_batch_size * world_size * accumulation,
+s' = s mod steps_per_epoch; an incomplete last batch is dropped). Micro-batch k of rank r takes a
+contiguous slice of it, so a run's losses depend on the global batch only (not on the process count),
+and the data position after step s is s itself (what --resume restores).
+
+Multi-process (torchrun / WORLD_SIZE > 1): gloo on CPU, nccl on CUDA. Gradients are averaged across ranks
+with one all-reduce per optimizer step (what DDP does), metrics are averaged across ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import torch
+
+import prefopt
+from prefopt.trainer import checkpoint as ckpt
+from prefopt.trainer.config import PrefoptInputError, TrainConfig, as_jsonable, resume_mismatch
+from prefopt.trainer.data import (DEFAULT_DATASET, DEFAULT_TOKENIZER, IGNORE_INDEX, collate, epoch_order,
+                                  load_dataset, load_tokenizer)
+from prefopt.trainer.model import (PrecomputedReference, as_adapter, build_model, data_fingerprint,
+                                   make_reference, state_hash)
+
+REF_FREE = ("simpo", "cpo", "cpo_hinge", "cpo_ipo", "orpo")
+REF_CACHE = "ref_logps.pt"
+STOP_ENV = "PREFOPT_STOP_AFTER_STEP"   # test hook: stop (as if killed) after this optimizer step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# distributed helpers
+class Dist:
+    def __init__(self, device):
+        import torch.distributed as dist
+        self.dist = dist
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.owned = False
+        if world > 1 and not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
+            self.owned = True
+        self.on = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.on else 0
+        self.world = dist.get_world_size() if self.on else 1
+
+    def all_reduce_(self, t, op="sum"):
+        if self.on and self.world > 1:
+            self.dist.all_reduce(t, op=self.dist.ReduceOp.SUM if op == "sum" else self.dist.ReduceOp.MAX)
+        return t
+
+    def broadcast_object(self, obj):
+        if not (self.on and self.world > 1):
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_objects(self, obj):
+        if not (self.on and self.world > 1):
+            return [obj]
+        out = [None] * self.world
+        self.dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        if self.on and self.world > 1:
+            self.dist.barrier()
+
+    def close(self):
+        if self.owned and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
+def _agree(dist, error):
+    """Raise the same PrefoptInputError on every rank if any rank hit one (no rank hangs in a collective)."""
+    msgs = dist.gather_objects(None if error is None else str(error))
+    first = next((m for m in msgs if m), None)
+    if first is not None:
+        raise error if error is not None else PrefoptInputError(first)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def _resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PrefoptInputError("device=cuda but CUDA is not available")
+    return dev
+
+
+class Trainer:
+    """Preference training of `model` (an adapter, HF causal LM or protocol module; default: cfg.model)."""
+
+    def __init__(self, cfg: TrainConfig, model=None, tokenizer=None):
+        self.cfg = cfg
+        self.device = _resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device if self.device.index is not None
+                                  else int(os.environ.get("LOCAL_RANK", "0")))
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dist = Dist(self.device)
+        self.rank, self.world = self.dist.rank, self.dist.world
+        error = None
+        try:
+            self._prepare(model, tokenizer)
+        except PrefoptInputError as err:
+            error = err
+        _agree(self.dist, error)
+
+    # ---- setup (no files written) ------------------------------------------------------------------------
+    def _prepare(self, model, tokenizer):
+        cfg = self.cfg
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+        self.data_path = cfg.dataset or DEFAULT_DATASET
+        self.data = load_dataset(self.data_path, self.tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                 cfg.truncation_mode)
+        self.kto = self.data.kind == "unpaired"
+        if self.kto and not cfg.is_kto:
+            raise PrefoptInputError(f"{self.data_path} holds unpaired rows (prompt/completion/label): use "
+                                    f"--loss_type kto (or apo_zero_unpaired)")
+        if not self.kto and cfg.is_kto:
+            raise PrefoptInputError(f"loss_type {cfg.loss_type!r} needs unpaired rows (prompt/completion/label) "
+                                    f"but {self.data_path} holds paired rows (prompt/chosen/rejected)")
+        self.ref_free = any(t in REF_FREE for t in cfg.loss_types)
+        self.global_batch = cfg.per_device_train_batch_size * self.world * cfg.gradient_accumulation_steps
+        self.steps_per_epoch = len(self.data) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise PrefoptInputError(
+                f"{self.data_path} has {len(self.data)} rows but one optimizer step needs {self.global_batch} "
+                f"(per_device_train_batch_size {cfg.per_device_train_batch_size} x {self.world} processes x "
+                f"gradient_accumulation_steps {cfg.gradient_accumulation_steps})")
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else \
+            max(1, int(math.ceil(cfg.num_train_epochs * self.steps_per_epoch)))
+        self.warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(math.ceil(cfg.warmup_ratio * self.total_steps))
+
+        # the model (deterministic for the seed), its reference and the optimizer
+        self.adapter = as_adapter(model) if model is not None else build_model(cfg, self.tokenizer.vocab_size)
+        self.module = self.adapter.module.to(self.device)
+        weight, _ = self.adapter.output_head()
+        if weight.shape[0] < self.tokenizer.vocab_size:
+            raise PrefoptInputError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's output "
+                                    f"head only {weight.shape[0]}")
+        self.reference = None
+        self.ref_hash = None
+        if not self.ref_free and not cfg.reference_free:
+            if cfg.precompute_ref_log_probs:
+                self.ref_hash = state_hash(self.module)
+            self.reference = make_reference(self.adapter)
+        if cfg.gradient_checkpointing:
+            self.adapter.gradient_checkpointing_enable()
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if not params:
+            raise PrefoptInputError("the model has no trainable parameters")
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        total, warm = self.total_steps, self.warmup
+
+        def schedule(step):
+            if step < warm:
+                return float(step + 1) / float(warm + 1)
+            return max(0.0, float(total - step) / float(max(1, total - warm)))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+
+        # run directory and --resume (checked, not yet written)
+        self.resume_from = None
+        if cfg.resume is not None:
+            path = cfg.resume
+            if path == "latest":
+                path = ckpt.latest_checkpoint(cfg.output_dir)
+                if path is None:
+                    raise PrefoptInputError(f"--resume: no checkpoint-N directory in {cfg.output_dir!r}")
+            state, saved_cfg = ckpt.read_checkpoint_meta(path)
+            diffs = resume_mismatch(saved_cfg, cfg)
+            if diffs:
+                raise PrefoptInputError(f"--resume: checkpoint {path!r} comes from a different config:\n  "
+                                        + "\n  ".join(diffs))
+            if state.get("global_batch", self.global_batch) != self.global_batch:
+                raise PrefoptInputError(f"--resume: checkpoint {path!r} used a global batch of "
+                                        f"{state.get('global_batch')} rows, this run {self.global_batch}")
+            self.resume_from = path
+            self.run_dir = cfg.output_dir or os.path.dirname(os.path.abspath(path))
+        else:
+            self.run_dir = cfg.output_dir or os.path.join(
+                "runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+            if ckpt.list_checkpoints(self.run_dir) or os.path.isfile(os.path.join(self.run_dir, "metrics.jsonl")):
+                raise PrefoptInputError(f"output_dir {self.run_dir!r} already holds a run: pass --resume to "
+                                        "continue it or choose another --output_dir")
+        self.run_dir = self.dist.broadcast_object(self.run_dir)
+
+    # ---- forward pieces -----------------------------------------------------------------------------------
+    def _batch(self, indices, examples=None):
+        rows = [self.data.examples[i] for i in indices] if examples is None else examples
+        batch = collate(rows, self.data.kind, self.tokenizer.pad_id, self.cfg.padding_free)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _autocast(self):
+        if self.cfg.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _sequence_logps(self, adapter, batch):
+        """Per-sequence completion log-prob sums [S] (LD-DPO weighted if ld_alpha) and token counts [S].
+
+        Used for the reference (and KTO); the paired policy pass is one fused_linear_preference_loss call."""
+        cfg = self.cfg
+        with self._autocast():
+            hidden = adapter.hidden_states(batch)
+        weight, bias = adapter.output_head()
+        if hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        labels = batch["labels"]
+        token_logps = prefopt.linear_logprobs(hidden, weight, labels, bias, ignore_index=IGNORE_INDEX,
+                                              temperature=cfg.temperature, softcap=adapter.softcap,
+                                              logit_scale=adapter.logit_scale)
+        flat = token_logps.reshape(-1)
+        mask = (labels.reshape(-1) != IGNORE_INDEX)
+        cu = batch.get("cu_seqlens")
+        if cu is None:
+            cu = torch.arange(labels.shape[0] + 1, device=flat.device, dtype=torch.long) * labels.shape[1]
+        seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=flat.device), cu.diff())
+        counts = torch.zeros(cu.numel() - 1, device=flat.device).index_add_(0, seg, mask.float())
+        weights = mask.float()
+        if cfg.ld_alpha is not None and not self.kto:
+            # LD-DPO: tokens past the pair's shared completion length count ld_alpha
+            n_pairs = counts.numel() // 2
+            shared = torch.minimum(counts[:n_pairs], counts[n_pairs:]).repeat(2)
+            csum = mask.float().cumsum(0)
+            start = torch.cat([csum.new_zeros(1), csum])[cu[:-1]]
+            rank_in_seq = csum - start[seg]
+            weights = torch.where(rank_in_seq <= shared[seg], weights, weights * cfg.ld_alpha)
+        seq = prefopt.sequence_logps(flat, weights, cu_seqlens=cu)
+        return seq, counts
+
+    def _reference_logps(self, batch):
+        with torch.no_grad(), self.reference.context():
+            seq, _ = self._sequence_logps(self.reference.adapter, batch)
+        return seq.detach()
+
+    def _kl_examples(self, indices):
+        """KTO's mismatched pairs: prompt of row i with the completion of row (i + 1) mod N (dataset order)."""
+        n, out = len(self.data), []
+        limit = self.cfg.max_length
+        for i in indices:
+            prompt, comp = self.data.examples[i]["prompt"], self.data.examples[(i + 1) % n]["completion"]
+            if limit is not None:
+                comp = comp[:max(1, limit - len(prompt))]
+            out.append({"prompt": prompt, "completion": comp, "label": True})
+        return out
+
+    def _ref_for(self, indices, batch):
+        """Reference logps for a micro-batch: [S] (and [B] KL logps for KTO), from the cache or live."""
+        if self.reference is None:
+            return None, None
+        if self.ref_table is not None:
+            vals = self.ref_table.lookup(indices).to(self.device, torch.float32)
+            if self.kto:
+                return vals[:, 0], vals[:, 1]
+            return torch.cat([vals[:, 0], vals[:, 1]]), None
+        ref = self._reference_logps(batch)
+        kl_ref = self._reference_logps(self._batch(None, self._kl_examples(indices))) if self.kto else None
+        return ref, kl_ref
+
+    def _precompute_reference(self):
+        """Reference logps of every row (rank r does rows r, r + world, ...; summed across ranks), cached."""
+        fingerprint = data_fingerprint(self.cfg, self.data.examples, self.ref_hash)
+        path = os.path.join(self.run_dir, REF_CACHE)
+        table = PrecomputedReference.load(path, fingerprint)
+        found = torch.tensor([0.0 if table is None else 1.0])
+        self.dist.all_reduce_(found)
+        if table is not None and int(found.item()) == self.world:
+            return table, True
+        n, bs = len(self.data), 4 * self.cfg.per_device_train_batch_size  # no grad: bigger batches
+        values = torch.zeros(n, 2, dtype=torch.float64)
+        mine = list(range(self.rank, n, self.world))
+        for start in range(0, len(mine), bs):
+            idx = mine[start:start + bs]
+            batch = self._batch(idx)
+            live = self._reference_logps(batch).double().cpu()
+            if self.kto:
+                kl = self._reference_logps(self._batch(None, self._kl_examples(idx))).double().cpu()
+                values[idx, 0], values[idx, 1] = live, kl
+            else:
+                values[idx, 0], values[idx, 1] = live[:len(idx)], live[len(idx):]
+        values = self.dist.all_reduce_(values.to(self.device)).cpu()
+        table = PrecomputedReference(values)
+        if self.rank == 0:
+            table.save(path, fingerprint)
+        return table, False
+
+    def _micro_loss(self, indices):
+        """Loss of one micro-batch (mean over its rows) and metric (sum, count) pairs."""
+        cfg = self.cfg
+        batch = self._batch(indices)
+        ref, kl_ref = self._ref_for(indices, batch)
+        if cfg.reference_free and ref is None and not self.ref_free:
+            n_seq = 2 * len(indices) if not self.kto else len(indices)
+            ref = torch.zeros(n_seq, device=self.device)
+        stats = {}
+        if self.kto:
+            seq, _ = self._sequence_logps(self.adapter, batch)
+            with torch.no_grad():
+                kl_pol, _ = self._sequence_logps(self.adapter, self._batch(None, self._kl_examples(indices)))
+            if kl_ref is None:
+                kl_ref = torch.zeros_like(kl_pol)
+            labels = batch["kto_labels"]
+            loss, metrics = prefopt.kto_loss(seq.float(), ref.float(), labels, kl_pol.float(), kl_ref.float(),
+                                             beta=cfg.beta, desirable_weight=cfg.desirable_weight,
+                                             undesirable_weight=cfg.undesirable_weight, loss_type=cfg.loss_types[0])
+            x = cfg.beta * (seq.detach().float() - ref.float())
+            lp = seq.detach().float()
+            n_d, n_u = float(labels.sum()), float((~labels).sum())
+            stats["rewards/chosen"] = (float(x[labels].sum()), n_d)
+            stats["rewards/rejected"] = (float(x[~labels].sum()), n_u)
+            stats["logps/chosen"] = (float(lp[labels].sum()), n_d)
+            stats["logps/rejected"] = (float(lp[~labels].sum()), n_u)
+            stats["kl"] = (float(metrics["kl"]), 1.0)
+            return loss, stats
+        # paired: one fused call from the hidden states (policy head, sequence sums, loss; no logits)
+        P = len(indices)
+        with self._autocast():
+            hidden = self.adapter.hidden_states(batch)
+        weight, bias = self.adapter.output_head()
+        if hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        refs = {} if ref is None else dict(ref_chosen_logps=ref[:P].float(), ref_rejected_logps=ref[P:].float())
+        loss, metrics = prefopt.fused_linear_preference_loss(
+            hidden, weight, batch["labels"], bias=bias, cu_seqlens=batch.get("cu_seqlens"), ignore_index=IGNORE_INDEX,
+            temperature=cfg.temperature, softcap=self.adapter.softcap, logit_scale=self.adapter.logit_scale,
+            loss_type=cfg.loss_types if len(cfg.loss_types) > 1 else cfg.loss_types[0], beta=cfg.beta,
+            ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, rpo_alpha=cfg.rpo_alpha,
+            label_smoothing=cfg.label_smoothing, loss_weights=cfg.loss_weights,
+            f_divergence_type=cfg.f_divergence_type, f_alpha_divergence_coef=cfg.f_alpha_divergence_coef, **refs)
+        for k, v in metrics.items():
+            stats[k] = (float(v) * P, float(P))
+        return loss, stats
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    def _indices(self, step):
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.data), self.cfg.seed, epoch)
+        rows = order[within * self.global_batch:(within + 1) * self.global_batch]
+        B = self.cfg.per_device_train_batch_size
+        micro = []
+        for k in range(self.cfg.gradient_accumulation_steps):
+            chunk = rows[k * B * self.world:(k + 1) * B * self.world]
+            micro.append(chunk[self.rank * B:(self.rank + 1) * B])
+        return micro
+
+    def _log(self, record):
+        if self.rank != 0:
+            return
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _save(self, step):
+        rngs = self.dist.gather_objects(ckpt.rng_state())
+        if self.rank == 0:
+            state = {"global_step": step, "epoch": step / self.steps_per_epoch, "samples_seen": step * self.global_batch,
+                     "total_steps": self.total_steps, "world_size": self.world, "global_batch": self.global_batch}
+            ckpt.save_checkpoint(self.run_dir, step, self.module, self.optimizer, self.scheduler, state,
+                                 as_jsonable(self.cfg), rngs, self.cfg.save_total_limit)
+        self.dist.barrier()
+
+    def _export_final(self):
+        """RUN_DIR/model: save_pretrained for HF models (safetensors) + the tokenizer, else model.safetensors."""
+        if self.rank != 0:
+            return
+        final, tmp = os.path.join(self.run_dir, "model"), os.path.join(self.run_dir, ".tmp-model")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        if hasattr(self.module, "save_pretrained"):
+            self.module.save_pretrained(tmp)
+        else:
+            from safetensors.torch import save_model
+            save_model(self.module, os.path.join(tmp, "model.safetensors"))
+        src = self.tokenizer.source
+        if os.path.isfile(src):
+            shutil.copy(src, os.path.join(tmp, "tokenizer.json"))
+        elif self.tokenizer.hf is not None:
+            self.tokenizer.hf.save_pretrained(tmp)
+        ckpt._replace_dir(tmp, final)
+
+    def train(self) -> dict:
+        """Run to total_steps (or the STOP_ENV hook). Returns a summary with the logged history."""
+        try:
+            backend = prefopt.use_backend(self.cfg.backend) if self.cfg.backend else contextlib.nullcontext()
+            with backend:
+                return self._train()
+        finally:
+            self.dist.close()
+
+    def _train(self):
+        cfg = self.cfg
+        start_step = 0
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+        self.dist.barrier()
+        if self.resume_from is not None:
+            state = ckpt.load_checkpoint(self.resume_from, self.module, self.optimizer, self.scheduler, self.rank)
+            start_step = int(state["global_step"])
+            if self.rank == 0:  # drop the metrics an interrupted run logged after its last checkpoint
+                path = os.path.join(self.run_dir, "metrics.jsonl")
+                if os.path.isfile(path):
+                    with open(path) as f:
+                        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+                    with open(path + ".tmp", "w") as f:
+                        f.writelines(keep)
+                    os.replace(path + ".tmp", path)
+        else:
+            seed_everything(cfg.seed)
+            if self.rank == 0:
+                with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+                    json.dump(as_jsonable(cfg), f, indent=2)
+        self.ref_table, cached = None, False
+        if self.reference is not None and cfg.precompute_ref_log_probs:
+            self.ref_table, cached = self._precompute_reference()
+            # the live reference is no longer needed: free the frozen copy
+            self.reference.adapter = None if self.reference.kind == "copy" else self.reference.adapter
+        self.module.train()
+        stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+        history, window = [], []
+        bar = None
+        if self.rank == 0:
+            note = f" ({self.data.truncated} rows truncated to max_length/max_prompt_length)" if self.data.truncated else ""
+            print(f"prefopt train: {len(self.data)} {'unpaired' if self.kto else 'paired'} rows from "
+                  f"{self.data_path}{note}; {self.total_steps} steps x {self.global_batch} rows; "
+                  f"loss {cfg.loss_type}; world {self.world}; run dir {self.run_dir}"
+                  + (f"; resuming at step {start_step}" if start_step else "")
+                  + ("; reference logps from cache" if cached else ""), flush=True)
+            if not cfg.disable_tqdm:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=self.total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        t0 = time.time()
+        interrupted = False
+        for step in range(start_step, self.total_steps):
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.zero_grad(set_to_none=True)
+            sums = {}
+            loss_sum = 0.0
+            for indices in self._indices(step):
+                loss, stats = self._micro_loss(indices)
+                (loss / cfg.gradient_accumulation_steps).backward()
+                loss_sum += float(loss.detach())
+                for k, (s, c) in stats.items():
+                    a, b = sums.get(k, (0.0, 0.0))
+                    sums[k] = (a + s, b + c)
+            self._sync_grads()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0
+                                                       else float("inf"))
+            self.optimizer.step()
+            self.scheduler.step()
+            record = self._reduce_metrics(step + 1, loss_sum / cfg.gradient_accumulation_steps, sums,
+                                          float(grad_norm), lr)
+            window.append(record)
+            if (step + 1) % cfg.logging_steps == 0 or step + 1 == self.total_steps:
+                logged = _average(window)
+                window = []
+                history.append(logged)
+                self._log(logged)
+                if bar is not None:
+                    bar.write(_fmt(logged))
+                elif self.rank == 0:
+                    print(_fmt(logged), flush=True)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', 0):.2f}")
+            if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < self.total_steps:
+                self._save(step + 1)
+            if stop_after and step + 1 == stop_after and step + 1 < self.total_steps:
+                interrupted = True
+                break
+        if bar is not None:
+            bar.close()
+        if not interrupted:
+            self._save(self.total_steps)
+            self._export_final()
+        summary = {"run_dir": self.run_dir, "steps": self.total_steps, "start_step": start_step,
+                   "interrupted": interrupted, "seconds": time.time() - t0, "history": history,
+                   "truncated_rows": self.data.truncated}
+        if self.rank == 0:
+            print(_summary_text(summary), flush=True)
+        return summary
+
+    def _sync_grads(self):
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        self.dist.all_reduce_(flat)
+        flat /= self.world
+        offset = 0
+        for p, g in zip(self.params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            offset += n
+
+    def _reduce_metrics(self, step, loss, sums, grad_norm, lr):
+        keys = sorted(sums)
+        vec = torch.tensor([loss] + [v for k in keys for v in sums[k]], dtype=torch.float64)
+        if self.world > 1:
+            vec = self.dist.all_reduce_(vec.to(self.device)).cpu()
+            vec[0] /= self.world
+        record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), "loss": float(vec[0])}
+        for i, k in enumerate(keys):
+            s, c = float(vec[1 + 2 * i]), float(vec[2 + 2 * i])
+            if c > 0:
+                record[k] = s / c
+        if self.kto and "rewards/chosen" in record and "rewards/rejected" in record:
+            record["rewards/margins"] = record["rewards/chosen"] - record["rewards/rejected"]
+        record["grad_norm"] = grad_norm
+        record["learning_rate"] = lr
+        return record
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % (2 ** 32))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _average(records):
+    out = {"step": records[-1]["step"], "epoch": records[-1]["epoch"]}
+    keys = [k for k in records[-1] if k not in ("step", "epoch")]
+    for k in keys:
+        vals = [r[k] for r in records if k in r]
+        out[k] = sum(vals) / len(vals)
+    out["learning_rate"] = records[-1]["learning_rate"]
+    return out
+
+
+def _fmt(rec):
+    parts = [f"step {rec['step']:>4}", f"loss {rec['loss']:.4f}"]
+    for k in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "grad_norm"):
+        if k in rec:
+            parts.append(f"{k.split('/')[-1] if k != 'grad_norm' else k} {rec[k]:+.4f}"
+                         if k != "rewards/accuracies" else f"acc {rec[k]:.3f}")
+    parts.append(f"lr {rec['learning_rate']:.2e}")
+    return " | ".join(parts)
+
+
+def _summary_text(summary):
+    hist = summary["history"]
+    lines = [f"run dir: {summary['run_dir']}  ({summary['seconds']:.1f} s"
+             + (", stopped early by " + STOP_ENV if summary["interrupted"] else "") + ")"]
+    if hist:
+        first, last = hist[0], hist[-1]
+        for k in ("loss", "rewards/accuracies", "rewards/margins"):
+            if k in first and k in last:
+                lines.append(f"  {k:<20} first log (step {first['step']}) {first[k]:+.4f}  ->  "
+                             f"last log (step {last['step']}) {last[k]:+.4f}")
+    return "\n".join(lines)
+
+
+def train(cfg: TrainConfig = None, model=None, tokenizer=None) -> dict:
+    """Build a Trainer for `cfg` (default: the embedded demo) and train. Returns the summary."""
+    return Trainer(cfg or TrainConfig(), model=model, tokenizer=tokenizer).train()

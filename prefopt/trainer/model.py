@@ -1,0 +1,241 @@
+"""Model adapters: what the trainer needs from a model is its final hidden states and its output head.
+
+Adapter protocol (any object; `as_adapter` wraps HF causal LMs and protocol modules):
+
+    adapter.module                      the nn.Module whose parameters are trained / saved
+    adapter.hidden_states(batch)        -> [B, T, H] final hidden states (final norm applied), or [1, N, H]
+                                           for packed batches (batch has position_ids / cu_seqlens, no mask)
+    adapter.output_head()               -> (weight [V, H], bias [V] | None)
+    adapter.softcap, adapter.logit_scale  logit transform applied before log-softmax (None / 1.0 = none)
+
+A plain nn.Module plugs in by defining two methods (docs/trainer.md):
+
+    class MyLM(nn.Module):
+        def hidden_states(self, batch): ...   # batch["input_ids"], batch.get("attention_mask"), ...
+        def output_head(self): return self.head.weight, self.head.bias
+
+References (no gradients): a frozen copy of the initial model, the PEFT base model with the adapters disabled,
+or per-sequence reference log-probs precomputed once and cached on disk in the run directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib
+import inspect
+import json
+import os
+
+import torch
+
+from prefopt.trainer.config import PrefoptInputError
+
+TINY_DEFAULTS = dict(hidden_size=64, layers=2, heads=4)
+
+
+class HFCausalLMAdapter:
+    """A transformers `*ForCausalLM` (or PeftModel around one) through prefopt.integrations.transformers."""
+
+    def __init__(self, model):
+        from prefopt.integrations import transformers as hf
+        self._hf = hf
+        self.module = model
+
+    def hidden_states(self, batch):
+        return self._hf.last_hidden_states(self.module, batch["input_ids"], batch.get("attention_mask"),
+                                           batch.get("position_ids"))
+
+    def output_head(self):
+        spec = self._hf.head_of(self.module)
+        return spec.weight, spec.bias
+
+    @property
+    def softcap(self):
+        return self._hf.head_of(self.module).softcap
+
+    @property
+    def logit_scale(self):
+        return self._hf.head_of(self.module).logit_scale
+
+    def is_peft(self):
+        return self._hf.is_peft_model(self.module)
+
+    def gradient_checkpointing_enable(self):
+        model = self.module
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(self.module, "config"):
+            self.module.config.use_cache = False
+
+
+class ModuleAdapter:
+    """Any nn.Module with `hidden_states(batch)` and `output_head()` (optional `softcap`, `logit_scale`)."""
+
+    def __init__(self, module):
+        missing = [m for m in ("hidden_states", "output_head") if not callable(getattr(module, m, None))]
+        if missing:
+            raise PrefoptInputError(f"{type(module).__name__} does not implement the prefopt model protocol: missing "
+                                    f"{', '.join(missing)} (see docs/trainer.md); HF causal LMs work as they are")
+        self.module = module
+
+    def hidden_states(self, batch):
+        return self.module.hidden_states(batch)
+
+    def output_head(self):
+        head = self.module.output_head()
+        return (head[0], head[1]) if isinstance(head, (tuple, list)) else (head, None)
+
+    @property
+    def softcap(self):
+        return getattr(self.module, "softcap", None) or None
+
+    @property
+    def logit_scale(self):
+        return float(getattr(self.module, "logit_scale", 1.0) or 1.0)
+
+    def is_peft(self):
+        return False
+
+    def gradient_checkpointing_enable(self):
+        fn = getattr(self.module, "gradient_checkpointing_enable", None)
+        if not callable(fn):
+            raise PrefoptInputError(f"gradient_checkpointing=True but {type(self.module).__name__} has no "
+                                    "gradient_checkpointing_enable() method")
+        fn()
+
+
+def as_adapter(model):
+    if isinstance(model, (HFCausalLMAdapter, ModuleAdapter)):
+        return model
+    if callable(getattr(model, "hidden_states", None)) and callable(getattr(model, "output_head", None)):
+        return ModuleAdapter(model)
+    if hasattr(model, "get_output_embeddings") and hasattr(model, "config"):
+        return HFCausalLMAdapter(model)
+    return ModuleAdapter(model)  # raises the protocol error
+
+
+# ---------------------------------------------------------------------------------------------------------
+def build_model(cfg, vocab_size: int):
+    """The model named by cfg.model, on CPU, deterministic for cfg.seed. Returns an adapter."""
+    name = cfg.model
+    if name in ("tiny-llama", "tiny_llama", "tiny-gemma2"):
+        from prefopt.integrations.tiny import tiny_gemma2_config, tiny_llama_config, tiny_model
+        overrides = dict(cfg.model_config)
+        kwargs = {k: overrides.pop(k, v) for k, v in TINY_DEFAULTS.items()}
+        max_len = max(256, int(cfg.max_length or 0))
+        overrides.setdefault("max_position_embeddings", max_len)
+        make = tiny_gemma2_config if name == "tiny-gemma2" else tiny_llama_config
+        try:
+            config = make(vocab_size, kwargs["hidden_size"], kwargs["layers"], kwargs["heads"], **overrides)
+        except (TypeError, ValueError) as err:
+            raise PrefoptInputError(f"model_config: {err}") from None
+        return HFCausalLMAdapter(tiny_model(config, seed=cfg.seed))
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise PrefoptInputError(f"model directory {name!r} has no config.json")
+        from transformers import AutoModelForCausalLM
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=torch.float32)
+        except Exception as err:
+            raise PrefoptInputError(f"model {name!r}: cannot load ({type(err).__name__}: {err})") from None
+        _check_vocab(model, vocab_size)
+        return HFCausalLMAdapter(model)
+    if ":" in name:
+        mod_name, _, fn_name = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as err:
+            raise PrefoptInputError(f"model factory {name!r}: {err}") from None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            params = inspect.signature(factory).parameters
+            model = factory(cfg, vocab_size) if len(params) >= 2 else factory()
+        return as_adapter(model)
+    raise PrefoptInputError(f"model {name!r}: expected 'tiny-llama', 'tiny-gemma2', a local HF model directory or "
+                            "'package.module:factory'")
+
+
+def _check_vocab(model, vocab_size):
+    emb = model.get_output_embeddings()
+    if emb is not None and emb.weight.shape[0] < vocab_size:
+        raise PrefoptInputError(f"the tokenizer has {vocab_size} tokens but the model's head only "
+                                f"{emb.weight.shape[0]}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# references
+class FrozenCopyReference:
+    """A deep copy of the policy at step 0, frozen (eval mode, no grad)."""
+    kind = "copy"
+
+    def __init__(self, adapter):
+        module = copy.deepcopy(adapter.module)
+        module.eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+        self.adapter = as_adapter(module)
+
+    def context(self):
+        return contextlib.nullcontext()
+
+
+class PeftReference:
+    """The PEFT base model: the policy itself with its adapters disabled."""
+    kind = "peft"
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    def context(self):
+        return self.adapter.module.disable_adapter()
+
+
+def make_reference(adapter):
+    if adapter.is_peft():
+        return PeftReference(adapter)
+    return FrozenCopyReference(adapter)
+
+
+def data_fingerprint(cfg, examples, model_state_hash: str) -> str:
+    """Identifies precomputed reference log-probs: data tokens + reference weights + what changes logps."""
+    h = hashlib.sha256()
+    h.update(json.dumps(examples, sort_keys=True).encode())
+    h.update(model_state_hash.encode())
+    h.update(json.dumps([cfg.temperature, cfg.ld_alpha, cfg.loss_types], default=str).encode())
+    return h.hexdigest()
+
+
+def state_hash(module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class PrecomputedReference:
+    """Reference log-probs per example (chosen, rejected | completion, kl) loaded from / saved to a file."""
+    kind = "precomputed"
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table  # [num_examples, k] float64
+
+    @staticmethod
+    def load(path, fingerprint):
+        if not os.path.isfile(path):
+            return None
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob.get("fingerprint") != fingerprint:
+            return None
+        return PrecomputedReference(blob["logps"])
+
+    def save(self, path, fingerprint):
+        tmp = path + ".tmp"
+        torch.save({"fingerprint": fingerprint, "logps": self.table}, tmp)
+        os.replace(tmp, path)
+
+    def lookup(self, indices):
+        return self.table[torch.as_tensor(indices, dtype=torch.long)]
