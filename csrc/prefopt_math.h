@@ -45,6 +45,8 @@ namespace math {
 PREFOPT_HOST_ONLY_INLINE float fast_expf(float x) {
   const float hi = 88.0f;               // exp(88) = 1.65e38 < FLT_MAX; we only ever call with x <= ~0
   const float lo = -87.33654475f;       // below this exp underflows to (near) denormals: return 0
+  // Branch-free on purpose (clamps are selects, the underflow mask a multiply) so that GCC cannot
+  // jump-thread it into control flow that blocks vectorization of the calling loop.
   float xc = x > hi ? hi : x;           // NaN compares false: NaN propagates
   xc = xc < lo ? lo : xc;
   // n = round(x / ln2) with the 1.5*2^23 trick (no -ffast-math, so the compiler keeps it)
@@ -63,8 +65,8 @@ PREFOPT_HOST_ONLY_INLINE float fast_expf(float x) {
   int32_t bits = (ni + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(float));
-  float res = y * scale;
-  return x < lo ? 0.0f : res;
+  const float keep = static_cast<float>(x >= lo);  // 0 below the underflow threshold (and for -inf)
+  return (y * scale) * keep;                       // NaN: keep = 0 but y is NaN -> NaN
 }
 #endif
 
@@ -261,7 +263,8 @@ template <typename acc_t>
 PREFOPT_HD acc_t softmax_grad(acc_t z, acc_t lse, acc_t H, acc_t g_logp, acc_t g_ent) {
   const acc_t lp = z - lse;
   const acc_t p = p_exp(lp);
-  return -p * (g_logp + g_ent * (lp + H));
+  const acc_t g = -p * (g_logp + g_ent * (lp + H));
+  return p == acc_t(0) ? acc_t(0) : g;  // z = -inf (masked vocab entry): 0, not 0 * inf = NaN
 }
 
 // Full per-element gradient wrt raw logits: ((onehot - p) * g_logp + g_ent * dH/dz) * dz/draw.

@@ -50,11 +50,11 @@ def block_stats(z, mask, AXIS: tl.constexpr, WANT_ENT: tl.constexpr, WANT_SQ: tl
     Every reduced row must hold at least one unmasked entry (the launchers guarantee it)."""
     zm = tl.where(mask, z, float("-inf"))
     m = tl.max(zm, axis=AXIS)
-    d = zm - tl.expand_dims(m, AXIS)
+    d = tl.where(mask, zm - tl.expand_dims(m, AXIS), 0.0)
     e = tl.where(mask, tl.exp(d), 0.0)
     s = tl.sum(e, axis=AXIS)
     if WANT_ENT:
-        sz = tl.sum(tl.where(mask, e * d, 0.0), axis=AXIS)
+        sz = tl.sum(e * d, axis=AXIS)
     else:
         sz = tl.zeros_like(s)
     if WANT_SQ:
@@ -68,12 +68,13 @@ def block_stats(z, mask, AXIS: tl.constexpr, WANT_ENT: tl.constexpr, WANT_SQ: tl
 def merge(m, s, sz, s2, mb, sb, szb, s2b):
     """Merge two fold states (elementwise). A state with s == 0 (m = -inf) is the identity."""
     mn = tl.maximum(m, mb)
-    a = tl.where(s > 0, tl.exp(m - mn), 0.0)
-    b = tl.where(sb > 0, tl.exp(mb - mn), 0.0)
+    da = tl.where(s > 0, m - mn, 0.0)
+    db = tl.where(sb > 0, mb - mn, 0.0)
+    a = tl.where(s > 0, tl.exp(da), 0.0)
+    b = tl.where(sb > 0, tl.exp(db), 0.0)
     # shift sz from "relative to m" to "relative to mn": sum e' (z - mn) = a * (sz + (m - mn) * s)
-    sz_a = tl.where(s > 0, a * (sz + (m - mn) * s), 0.0)
-    sz_b = tl.where(sb > 0, b * (szb + (mb - mn) * sb), 0.0)
-    return mn, s * a + sb * b, sz_a + sz_b, s2 * (a * a) + s2b * (b * b)
+    sz_new = a * (sz + da * s) + b * (szb + db * sb)
+    return mn, s * a + sb * b, sz_new, s2 * (a * a) + s2b * (b * b)
 
 
 @triton.jit

@@ -17,8 +17,9 @@ from ._fold import dlogits, finish, fold, to_acc, transform
 @triton.jit
 def _row_fwd_kernel(logits_ptr, stride_row, labels_ptr, logp_ptr, lse_ptr, ent_ptr, sq_ptr,
                     V, ignore_index, logit_scale, softcap, temperature,
-                    HAS_SOFTCAP: tl.constexpr, WANT_ENT: tl.constexpr, WANT_SQ: tl.constexpr,
-                    USE_FP64: tl.constexpr, BLOCK_V: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, USE_FP64: tl.constexpr, BLOCK_V: tl.constexpr):
+    # entropy and log_sum_p2 are always folded: two FMAs per element in a memory-bound loop cost
+    # nothing and halve the number of compiled variants.
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK_V)
@@ -35,7 +36,7 @@ def _row_fwd_kernel(logits_ptr, stride_row, labels_ptr, logp_ptr, lse_ptr, ent_p
         mask = offs < V
         raw = to_acc(tl.load(base + offs, mask=mask, other=0.0), USE_FP64)
         z, _dz = transform(raw, scale, cap, inv_temp, HAS_SOFTCAP)
-        m, s, sz, s2 = fold(m, s, sz, s2, z, mask, 0, WANT_ENT, WANT_SQ)
+        m, s, sz, s2 = fold(m, s, sz, s2, z, mask, 0, True, True)
     lse, ent, sq = finish(m, s, sz, s2)
 
     label = tl.load(labels_ptr + row)
@@ -44,10 +45,8 @@ def _row_fwd_kernel(logits_ptr, stride_row, labels_ptr, logp_ptr, lse_ptr, ent_p
     z_l, _dz_l = transform(raw_l, scale, cap, inv_temp, HAS_SOFTCAP)
     tl.store(logp_ptr + row, tl.where(valid, z_l - lse, 0.0))
     tl.store(lse_ptr + row, lse)
-    if WANT_ENT:
-        tl.store(ent_ptr + row, ent)
-    if WANT_SQ:
-        tl.store(sq_ptr + row, sq)
+    tl.store(ent_ptr + row, ent)
+    tl.store(sq_ptr + row, sq)
 
 
 @triton.jit
@@ -79,6 +78,7 @@ def _row_bwd_kernel(logits_ptr, stride_row, out_ptr, stride_out, labels_ptr, lse
         mask = offs < V
         raw = to_acc(tl.load(base + offs, mask=mask, other=0.0), USE_FP64)
         z, dz = transform(raw, scale, cap, inv_temp, HAS_SOFTCAP)
+        z = tl.where(mask, z, lse)  # padding lanes: keep exp finite (they are not stored)
         g = dlogits(z, offs == label, lse, mean_z, g_logp, g_ent, HAS_ENT) * dz
         tl.store(obase + offs, g.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -87,13 +87,14 @@ def _config(V):
     """(BLOCK_V, num_warps) of the row kernels.
 
     The row kernels are memory bound: a program streams its row once (forward) or reads+writes it
-    (backward). 4096-wide tiles with 8 warps give 16 elements (64 B of bf16) per thread per
-    iteration, enough in-flight loads to saturate HBM with one row per program; small vocabularies
-    use 1024-wide tiles so a row of a few thousand entries is not mostly masked lanes.
-    Only these two configurations exist (see ``aot_configs``)."""
+    (backward). Large vocabularies use 4096-wide tiles over 16 warps (8 elements = one 16-byte
+    vector of 16-bit logits per thread per iteration, ~30-80 registers so many rows are in flight
+    per SM); small vocabularies use 1024-wide tiles with 4 warps so a row of a few thousand entries
+    is not mostly masked lanes. (4096 x 8 warps made ptxas-blackwell spill 4 bytes in the fp16
+    backward for sm_90.) Only these two configurations exist (see ``aot_configs``)."""
     if V <= 8192:
         return 1024, 4
-    return 4096, 8
+    return 4096, 16
 
 
 def _params(logit_scale, softcap, temperature):
@@ -114,19 +115,16 @@ def row_forward(logits, labels, ignore_index, logit_scale, softcap, temperature,
     dev = logits.device
     logp = torch.empty(n, dtype=stat_dtype, device=dev)
     lse = torch.empty(n, dtype=stat_dtype, device=dev)
-    ent = torch.empty(n, dtype=stat_dtype, device=dev) if want_entropy else None
-    sq = torch.empty(n, dtype=stat_dtype, device=dev) if want_sqsum else None
-    if n == 0:
-        return RowStats(logp, lse, ent, sq)
+    ent = torch.empty(n, dtype=stat_dtype, device=dev)
+    sq = torch.empty(n, dtype=stat_dtype, device=dev)
     scale, cap, temp, has_cap = _params(logit_scale, softcap, temperature)
     block, warps = _config(V)
-    _row_fwd_kernel[(n,)](
-        logits, logits.stride(0), labels.contiguous(), logp, lse,
-        ent if want_entropy else lse, sq if want_sqsum else lse,
-        V, int(ignore_index), scale, cap, temp,
-        HAS_SOFTCAP=has_cap, WANT_ENT=bool(want_entropy), WANT_SQ=bool(want_sqsum),
-        USE_FP64=logits.dtype == torch.float64, BLOCK_V=block, num_warps=warps)
-    return RowStats(logp, lse, ent, sq)
+    if n > 0:
+        _row_fwd_kernel[(n,)](
+            logits, logits.stride(0), labels.contiguous(), logp, lse, ent, sq,
+            V, int(ignore_index), scale, cap, temp,
+            HAS_SOFTCAP=has_cap, USE_FP64=logits.dtype == torch.float64, BLOCK_V=block, num_warps=warps)
+    return RowStats(logp, lse, ent if want_entropy else None, sq if want_sqsum else None)
 
 
 def row_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, logit_scale, softcap,
@@ -166,14 +164,12 @@ def aot_configs():
         for V in (4096, 65536):
             block, warps = _config(V)
             for cap in (False, True):
+                sig = {"logits_ptr": f"*{dt}", "stride_row": "i32", "labels_ptr": "*i64",
+                       "logp_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "sq_ptr": "*fp32",
+                       "V": "i32", "ignore_index": "i32", "logit_scale": "fp32", "softcap": "fp32",
+                       "temperature": "fp32"}
+                out.append((_row_fwd_kernel, sig, dict(HAS_SOFTCAP=cap, USE_FP64=False, BLOCK_V=block), warps))
                 for ent in (False, True):
-                    for sq in (False, True):
-                        sig = {"logits_ptr": f"*{dt}", "stride_row": "i32", "labels_ptr": "*i64",
-                               "logp_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "sq_ptr": "*fp32",
-                               "V": "i32", "ignore_index": "i32", "logit_scale": "fp32", "softcap": "fp32",
-                               "temperature": "fp32"}
-                        cx = dict(HAS_SOFTCAP=cap, WANT_ENT=ent, WANT_SQ=sq, USE_FP64=False, BLOCK_V=block)
-                        out.append((_row_fwd_kernel, sig, cx, warps))
                     sig = {"logits_ptr": f"*{dt}", "stride_row": "i32", "out_ptr": f"*{dt}", "stride_out": "i32",
                            "labels_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "g_logp_ptr": "*fp32",
                            "g_ent_ptr": "*fp32", "V": "i32", "ignore_index": "i32", "logit_scale": "fp32",

@@ -18,8 +18,8 @@ constexpr int64_t kBlock = 2048;
 template <typename scalar_t, typename acc_t, bool kCap>
 void forward_rows(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t V,
                   const int64_t* __restrict__ labels, int64_t ignore_index, const Transform<acc_t> tf,
-                  int64_t r0, int64_t r1, float* __restrict__ logp, float* __restrict__ lse_out,
-                  float* __restrict__ ent_out, float* __restrict__ lsp2_out, int64_t* bad_label) {
+                  int64_t r0, int64_t r1, acc_t* __restrict__ logp, acc_t* __restrict__ lse_out,
+                  acc_t* __restrict__ ent_out, acc_t* __restrict__ lsp2_out, int64_t* bad_label) {
   namespace pm = prefopt::math;
   alignas(64) acc_t zbuf[kBlock];
   for (int64_t r = r0; r < r1; ++r) {
@@ -52,18 +52,18 @@ void forward_rows(const scalar_t* __restrict__ logits, int64_t row_stride, int64
       st.s2 += s2;
     }
     const acc_t lse = pm::lse_value(st);
-    lse_out[r] = static_cast<float>(lse);
-    if (ent_out) ent_out[r] = static_cast<float>(pm::lse_entropy(st));
-    if (lsp2_out) lsp2_out[r] = static_cast<float>(pm::lse_log_sum_p2(st));
+    lse_out[r] = lse;
+    if (ent_out) ent_out[r] = pm::lse_entropy(st);
+    if (lsp2_out) lsp2_out[r] = pm::lse_log_sum_p2(st);
     const int64_t lab = labels[r];
     if (lab == ignore_index) {
-      logp[r] = 0.f;
+      logp[r] = acc_t(0);
     } else if (lab < 0 || lab >= V) {
       *bad_label = lab;
-      logp[r] = 0.f;
+      logp[r] = acc_t(0);
     } else {
       const acc_t zl = pm::transform<kCap>(tf, static_cast<acc_t>(x[lab]));
-      logp[r] = static_cast<float>(zl - lse);
+      logp[r] = zl - lse;
     }
   }
 }
@@ -72,9 +72,9 @@ void forward_rows(const scalar_t* __restrict__ logits, int64_t row_stride, int64
 // before it is written and the label element is recomputed from its raw value saved up front.
 template <typename scalar_t, typename out_t, typename acc_t, bool kCap>
 void backward_rows(const scalar_t* logits, int64_t row_stride, int64_t V, const int64_t* __restrict__ labels,
-                   int64_t ignore_index, const Transform<acc_t> tf, const float* __restrict__ lse_in,
-                   const float* __restrict__ ent_in, const float* __restrict__ g_logp_in,
-                   const float* __restrict__ g_ent_in, out_t* out, int64_t out_row_stride, int64_t r0,
+                   int64_t ignore_index, const Transform<acc_t> tf, const acc_t* __restrict__ lse_in,
+                   const acc_t* __restrict__ ent_in, const acc_t* __restrict__ g_logp_in,
+                   const acc_t* __restrict__ g_ent_in, out_t* out, int64_t out_row_stride, int64_t r0,
                    int64_t r1, int64_t* bad_label) {
   namespace pm = prefopt::math;
   for (int64_t r = r0; r < r1; ++r) {
@@ -86,16 +86,17 @@ void backward_rows(const scalar_t* logits, int64_t row_stride, int64_t V, const 
       *bad_label = lab;
       has_label = false;
     }
-    const acc_t g_logp = has_label ? static_cast<acc_t>(g_logp_in[r]) : acc_t(0);
-    const acc_t g_ent = g_ent_in ? static_cast<acc_t>(g_ent_in[r]) : acc_t(0);
-    const acc_t H = ent_in ? static_cast<acc_t>(ent_in[r]) : acc_t(0);
-    const acc_t lse = static_cast<acc_t>(lse_in[r]);
+    const acc_t g_logp = has_label ? g_logp_in[r] : acc_t(0);
+    const acc_t g_ent = g_ent_in ? g_ent_in[r] : acc_t(0);
+    const acc_t H = ent_in ? ent_in[r] : acc_t(0);
+    const acc_t lse = lse_in[r];
     if (g_logp == acc_t(0) && g_ent == acc_t(0)) {
 #pragma omp simd
       for (int64_t i = 0; i < V; ++i) o[i] = static_cast<out_t>(0.f);
       continue;
     }
-    const acc_t raw_label = has_label ? static_cast<acc_t>(x[lab]) : acc_t(0);  // read before overwriting
+    const int64_t lab_c = has_label ? lab : 0;  // V > 0: always a valid index
+    const acc_t raw_label = static_cast<acc_t>(x[lab_c]);  // read before the loop may overwrite it
 #pragma omp simd
     for (int64_t i = 0; i < V; ++i) {
       acc_t dz;
