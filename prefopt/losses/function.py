@@ -44,12 +44,7 @@ class _TorchBackend:
 
 
 def _import_kernels():
-    try:
-        return importlib.import_module("prefopt.kernels.preference_loss")
-    except ModuleNotFoundError as err:
-        if err.name not in ("prefopt.kernels", "prefopt.kernels.preference_loss"):
-            raise
-        return importlib.import_module("kernels.preference_loss")  # running from a source checkout
+    return importlib.import_module("prefopt.kernels.preference_loss")
 
 
 def loss_impl(device):

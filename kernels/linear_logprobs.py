@@ -1,0 +1,350 @@
+"""Triton fused linear head (backend "triton" of linear_logprobs): see docs/design.md, "Fused linear head".
+
+logits = hidden @ weight.T (+ bias) never exist in global memory:
+
+* ``_linear_fwd_kernel``: grid (token blocks, vocab splits). A program owns BLOCK_N tokens and one
+  contiguous range of the vocabulary; per BLOCK_V tile it computes the logits with tl.dot over
+  BLOCK_K slices of H (fp32 accumulator), adds the bias, applies the logit transform and folds the
+  tile into an online log-sum-exp state per row; it also picks z[label] out of the tile. The state
+  of each (row, split) goes to a small [5, splits, n] buffer. Splitting the vocabulary keeps the
+  GPU full when n is small (n / BLOCK_N programs alone would leave most SMs idle).
+* ``_linear_combine_kernel``: merges the split states per row (same ``merge`` as the fold)
+  -> logp, lse, entropy, log_sum_p2.
+* ``_linear_bwd_kernel``: one program per (token block, vocab block) tile. It recomputes the logits
+  tile once, turns it into dlogits in registers (``_fold.dlogits`` times dz/draw), then walks H in
+  BLOCK_K slices: grad_hidden[rows, k] += d @ W[cols, k] and grad_weight[cols, k] += d.T @ h[rows, k]
+  with fp32 atomic adds (grad_bias[cols] += column sums of d).
+  Why atomics and not two kernels: a program's share of grad_hidden is [BLOCK_N, H] and of
+  grad_weight [BLOCK_V, H]; for real H (4096+) neither fits in registers, so an atomic-free kernel
+  per output would have to recompute the logits tile once per H slice (H / BLOCK_K times the GEMM
+  work), or store dlogits ([n, V], which the design forbids). Atomics recompute each tile once;
+  the fp32 adds land in L2. Cost: the summation order (last bits) is not deterministic.
+  The grid is swizzled in groups of GROUP_N token blocks so tiles sharing W/hidden slices run
+  together (L2 reuse).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from prefopt._types import RowStats
+
+from ._fold import dlogits, finish, fold, merge, to_acc, transform
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST (interpreter + bf16 only): the interpreter keeps bf16 as raw uint16 and its
+    tl.dot multiplies the integers, so operands go to fp32 first (exact products, fp32 accumulation:
+    the tensor-core semantics). Never set on a GPU."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                 HAS_BIAS: tl.constexpr, USE_FP64: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_V] tile of hidden @ weight.T (+ bias) in the accumulator dtype."""
+    ks = tl.arange(0, BLOCK_K)
+    h_base = h_ptr + rows[:, None] * stride_h
+    w_base = w_ptr + cols[:, None] * stride_w
+    acc = to_acc(tl.zeros((BLOCK_N, BLOCK_V), tl.float32), USE_FP64)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks
+        kmask = k < H
+        a = tl.load(h_base + k[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_base + k[None, :], mask=col_mask[:, None] & kmask[None, :], other=0.0)
+        acc = _dot(a, tl.trans(b), acc, DOT_PREC, UPCAST)
+    if HAS_BIAS:
+        acc += to_acc(tl.load(b_ptr + cols, mask=col_mask, other=0.0), USE_FP64)[None, :]
+    return acc
+
+
+@triton.jit
+def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, N, V, H, stride_h, stride_w, v_per_split,
+                       logit_scale, softcap, temperature,
+                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_FP64: tl.constexpr,
+                       DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    zs = to_acc(tl.zeros((), tl.float32), USE_FP64)
+    inv_temp = 1.0 / (zs + temperature)
+    scale = zs + logit_scale
+    cap = zs + softcap
+    zero = to_acc(tl.zeros((BLOCK_N,), tl.float32), USE_FP64)
+    m = zero + float("-inf")
+    s = zero
+    sz = zero
+    s2 = zero
+    z_label = zero
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < v_hi
+        acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                           HAS_BIAS, USE_FP64, DOT_PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+        z, _dz = transform(acc, scale, cap, inv_temp, HAS_SOFTCAP)
+        m, s, sz, s2 = fold(m, s, sz, s2, z, col_mask[None, :], 1, True, True)
+        hit = (cols[None, :] == labels[:, None]) & col_mask[None, :]
+        z_label += tl.sum(tl.where(hit, z, 0.0), axis=1)
+    base = part_ptr + pid_s * N + rows
+    stride_k = n_splits * N
+    tl.store(base, m, mask=row_mask)
+    tl.store(base + stride_k, s, mask=row_mask)
+    tl.store(base + 2 * stride_k, sz, mask=row_mask)
+    tl.store(base + 3 * stride_k, s2, mask=row_mask)
+    tl.store(base + 4 * stride_k, z_label, mask=row_mask)
+
+
+@triton.jit
+def _linear_combine_kernel(part_ptr, logp_ptr, lse_ptr, ent_ptr, sq_ptr, N, n_splits, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < N
+    stride_k = n_splits * N
+    zero = tl.zeros((BLOCK,), part_ptr.dtype.element_ty)
+    m = zero + float("-inf")
+    s = zero
+    sz = zero
+    s2 = zero
+    z_label = zero
+    for i in range(0, n_splits):
+        base = part_ptr + i * N + rows
+        mb = tl.load(base, mask=mask, other=0.0)
+        sb = tl.load(base + stride_k, mask=mask, other=1.0)
+        szb = tl.load(base + 2 * stride_k, mask=mask, other=0.0)
+        s2b = tl.load(base + 3 * stride_k, mask=mask, other=1.0)
+        z_label += tl.load(base + 4 * stride_k, mask=mask, other=0.0)
+        m, s, sz, s2 = merge(m, s, sz, s2, mb, sb, szb, s2b)
+    lse, ent, sq = finish(m, s, sz, s2)
+    tl.store(logp_ptr + rows, z_label - lse, mask=mask)
+    tl.store(lse_ptr + rows, lse, mask=mask)
+    tl.store(ent_ptr + rows, ent, mask=mask)
+    tl.store(sq_ptr + rows, sq, mask=mask)
+
+
+@triton.jit
+def _linear_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
+                       gh_ptr, gw_ptr, gb_ptr, N, V, H, stride_h, stride_w,
+                       logit_scale, softcap, temperature, need_gh, need_gw,
+                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_FP64: tl.constexpr,
+                       DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr):
+    # swizzled tile order: GROUP_N token blocks x all vocab blocks, token index fastest
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    v_blocks = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * v_blocks
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(n_blocks - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    row_mask = rows < N
+    col_mask = cols < V
+    acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                       HAS_BIAS, USE_FP64, DOT_PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+    zs = to_acc(tl.zeros((), tl.float32), USE_FP64)
+    inv_temp = 1.0 / (zs + temperature)
+    z, dz = transform(acc, zs + logit_scale, zs + softcap, inv_temp, HAS_SOFTCAP)
+
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    lse = to_acc(tl.load(lse_ptr + rows, mask=row_mask, other=0.0), USE_FP64)
+    z = tl.where(col_mask[None, :], z, lse[:, None])  # padding lanes: finite p (zeroed below)
+    mean_z = lse - to_acc(tl.load(ent_ptr + rows, mask=row_mask, other=0.0), USE_FP64)
+    g_logp = to_acc(tl.load(g_logp_ptr + rows, mask=row_mask, other=0.0), USE_FP64)
+    g_ent = to_acc(tl.load(g_ent_ptr + rows, mask=row_mask, other=0.0), USE_FP64)
+    d = dlogits(z, cols[None, :] == labels[:, None], lse[:, None], mean_z[:, None], g_logp[:, None],
+                g_ent[:, None], True) * dz
+    d = tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
+    if HAS_BIAS:
+        tl.atomic_add(gb_ptr + cols, tl.sum(d, axis=0), mask=col_mask, sem="relaxed")
+    d_in = d.to(h_ptr.dtype.element_ty)
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks
+        kmask = k < H
+        if need_gh:  # uniform runtime branches: same speed as a constexpr, half the variants
+            w = tl.load(w_ptr + cols[:, None] * stride_w + k[None, :], mask=col_mask[:, None] & kmask[None, :],
+                        other=0.0)
+            gh = _dot(d_in, w, tl.zeros((BLOCK_N, BLOCK_K), gh_ptr.dtype.element_ty), DOT_PREC, UPCAST)
+            tl.atomic_add(gh_ptr + rows[:, None] * H + k[None, :], gh, mask=row_mask[:, None] & kmask[None, :],
+                          sem="relaxed")
+        if need_gw:
+            h = tl.load(h_ptr + rows[:, None] * stride_h + k[None, :], mask=row_mask[:, None] & kmask[None, :],
+                        other=0.0)
+            gw = _dot(tl.trans(d_in), h, tl.zeros((BLOCK_V, BLOCK_K), gw_ptr.dtype.element_ty), DOT_PREC, UPCAST)
+            tl.atomic_add(gw_ptr + cols[:, None] * H + k[None, :], gw, mask=col_mask[:, None] & kmask[None, :],
+                          sem="relaxed")
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+_NUM_SMS = {}
+_COMBINE_BLOCK = 256
+
+
+def _num_sms(device):
+    if device.type != "cuda":
+        return 132  # interpreter: pretend H100 so the split logic is exercised
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
+
+
+def _config(dtype, backward):
+    """(BLOCK_N, BLOCK_V, BLOCK_K, num_warps) of the forward / backward tile kernels.
+
+    Output tiles of 64 tokens x 128 vocab entries (two warpgroups on Hopper, 8 warps), K slices of
+    64 for 16-bit inputs (128-byte rows) in the forward. The backward holds the dlogits tile plus
+    the two product accumulators and their atomic addresses, so it walks H in slices of 32; with
+    4-byte inputs (exact-fp32 FMA dots or tf32) it also narrows the vocab tile to 64.
+    Every choice here is compiled for sm_80/sm_90 by tests/test_aot_compile.py and asserted to
+    spill nothing (the largest use ~255 registers on sm_80, <= 1 CTA of 8 warps per SM)."""
+    wide = dtype in (torch.float32, torch.float64)
+    if not backward:
+        return (64, 128, 32, 8) if wide else (64, 128, 64, 8)
+    return (64, 64, 32, 8) if wide else (64, 128, 32, 8)
+
+
+def _n_splits(n, V, block_n, block_v, device):
+    """Vocabulary splits of the forward: aim for >= 2 programs per SM, never an empty split."""
+    n_blocks = triton.cdiv(n, block_n)
+    v_blocks = triton.cdiv(V, block_v)
+    want = max(1, min(v_blocks, triton.cdiv(2 * _num_sms(device), n_blocks)))
+    v_per_split = triton.cdiv(v_blocks, want) * block_v
+    return triton.cdiv(V, v_per_split), v_per_split
+
+
+def _dot_prec(dtype):
+    """fp32 inputs follow torch's matmul setting (highest -> exact fp32 'ieee', else tf32)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _upcast(hidden):
+    """Only the interpreter (CPU tensors) needs bf16 dot operands upcast (see ``_dot``)."""
+    return hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16
+
+
+def _params(logit_scale, softcap, temperature):
+    has_softcap = softcap is not None and softcap != 0
+    return float(logit_scale), float(softcap) if has_softcap else 1.0, float(temperature), has_softcap
+
+
+def _rowmajor(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def linear_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature, want_entropy, want_sqsum,
+                   chunk_size=None):
+    # chunk_size is a knob of the CPU chunked head; the Triton path never materialises logits.
+    hidden, weight = _rowmajor(hidden), _rowmajor(weight)
+    n, H = hidden.shape
+    V = weight.shape[0]
+    fp64 = hidden.dtype == torch.float64
+    sdt = torch.float64 if fp64 else torch.float32
+    dev = hidden.device
+    logp, lse, ent, sq = (torch.empty(n, dtype=sdt, device=dev) for _ in range(4))
+    if n > 0:
+        scale, cap, temp, has_cap = _params(logit_scale, softcap, temperature)
+        bn, bv, bk, warps = _config(hidden.dtype, backward=False)
+        splits, v_per_split = _n_splits(n, V, bn, bv, dev)
+        part = torch.empty((5, splits, n), dtype=sdt, device=dev)
+        _linear_fwd_kernel[(triton.cdiv(n, bn), splits)](
+            hidden, weight, hidden if bias is None else bias.contiguous(), labels.contiguous(), part,
+            n, V, H, hidden.stride(0), weight.stride(0), v_per_split, scale, cap, temp,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=has_cap, USE_FP64=fp64, DOT_PREC=_dot_prec(hidden.dtype),
+            UPCAST=_upcast(hidden), BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps)
+        _linear_combine_kernel[(triton.cdiv(n, _COMBINE_BLOCK),)](
+            part, logp, lse, ent, sq, n, splits, BLOCK=_COMBINE_BLOCK, num_warps=4)
+    return RowStats(logp, lse, ent if want_entropy else None, sq if want_sqsum else None)
+
+
+def linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, logit_scale, softcap,
+                    temperature, chunk_size=None, needs_input_grad=(True, True, True)):
+    hidden, weight = _rowmajor(hidden), _rowmajor(weight)
+    n, H = hidden.shape
+    V = weight.shape[0]
+    need_h, need_w, need_b = (bool(x) for x in tuple(needs_input_grad) + (False,) * (3 - len(needs_input_grad)))
+    need_b = need_b and bias is not None
+    if not (need_h or need_w or need_b):
+        return None, None, None
+    fp64 = hidden.dtype == torch.float64
+    adt = torch.float64 if fp64 else torch.float32
+    dev = hidden.device
+    gh = torch.zeros((n, H), dtype=adt, device=dev) if need_h else None
+    gw = torch.zeros((V, H), dtype=adt, device=dev) if need_w else None
+    # a bias always gets its (cheap: one column sum per tile) gradient; returned only when wanted
+    gb = torch.zeros(V, dtype=adt, device=dev) if bias is not None else None
+    if n > 0:
+        if grad_entropy is None:  # the entropy term is then multiplied by 0 (cheaper than a variant)
+            grad_entropy = torch.zeros_like(grad_logp)
+            entropy = lse
+        elif entropy is None:
+            raise ValueError("linear_backward: grad_entropy given but entropy is None")
+        scale, cap, temp, has_cap = _params(logit_scale, softcap, temperature)
+        bn, bv, bk, warps = _config(hidden.dtype, backward=True)
+        grid = (triton.cdiv(n, bn) * triton.cdiv(V, bv),)
+        dummy = gh if gh is not None else gw if gw is not None else gb
+        _linear_bwd_kernel[grid](
+            hidden, weight, hidden if bias is None else bias.contiguous(), labels.contiguous(), lse.contiguous(),
+            entropy.contiguous(), grad_logp.contiguous(), grad_entropy.contiguous(),
+            dummy if gh is None else gh, dummy if gw is None else gw, dummy if gb is None else gb,
+            n, V, H, hidden.stride(0), weight.stride(0), scale, cap, temp, int(need_h), int(need_w),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=has_cap, USE_FP64=fp64,
+            DOT_PREC=_dot_prec(hidden.dtype), UPCAST=_upcast(hidden), BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
+            GROUP_N=8, num_warps=warps)
+
+    def cast(g, like):
+        return None if g is None else (g if g.dtype == like.dtype else g.to(like.dtype))
+
+    return cast(gh, hidden), cast(gw, weight), cast(gb, bias) if need_b else None
+
+
+_TT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def aot_configs():
+    """Every (kernel, signature, constexprs, num_warps) the launchers above can pick on a GPU.
+
+    Sizes/strides are i32 (i64 when huge: same code), params fp32. The backward's gradient buffers are
+    fp32 whatever the input dtype; the combine kernel is dtype independent (fp32 partial states)."""
+    out = []
+    for tdt, dt in _TT.items():
+        precs = ("ieee", "tf32") if tdt == torch.float32 else ("ieee",)
+        for prec in precs:
+            for bias in (False, True):
+                for cap in (False, True):
+                    sig = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "labels_ptr": "*i64",
+                           "part_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "stride_h": "i32",
+                           "stride_w": "i32", "v_per_split": "i32", "logit_scale": "fp32", "softcap": "fp32",
+                           "temperature": "fp32"}
+                    bn, bv, bk, warps = _config(tdt, backward=False)
+                    cx = dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, USE_FP64=False, DOT_PREC=prec, UPCAST=False,
+                              BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk)
+                    out.append((_linear_fwd_kernel, sig, cx, warps))
+                    bn, bv, bk, warps = _config(tdt, backward=True)
+                    sig = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "labels_ptr": "*i64",
+                           "lse_ptr": "*fp32", "ent_ptr": "*fp32", "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32",
+                           "gh_ptr": "*fp32", "gw_ptr": "*fp32", "gb_ptr": "*fp32", "N": "i32", "V": "i32",
+                           "H": "i32", "stride_h": "i32", "stride_w": "i32", "logit_scale": "fp32",
+                           "softcap": "fp32", "temperature": "fp32", "need_gh": "i32", "need_gw": "i32"}
+                    cx = dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, USE_FP64=False,
+                              DOT_PREC=prec, UPCAST=False, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, GROUP_N=8)
+                    out.append((_linear_bwd_kernel, sig, cx, warps))
+    out.append((_linear_combine_kernel, {"part_ptr": "*fp32", "logp_ptr": "*fp32", "lse_ptr": "*fp32",
+                                         "ent_ptr": "*fp32", "sq_ptr": "*fp32", "N": "i32", "n_splits": "i32"},
+                dict(BLOCK=_COMBINE_BLOCK), 4))
+    return out

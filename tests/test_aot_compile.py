@@ -1,0 +1,96 @@
+"""Ahead-of-time compile of every Triton kernel for sm_80 and sm_90 (no GPU needed); no register spills.
+
+The work is done by bench/kernel_report.py in a subprocess *without* TRITON_INTERPRET: with the
+interpreter on (tests/conftest.py sets it), @triton.jit returns InterpretedFunction objects and
+triton.compile fails on them ("'InterpretedFunction' object has no attribute 'cache_key'").
+Compiles land in triton's cache, so reruns mostly pay only for ptxas.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from kernels import linear_logprobs, logprobs, sequence_sums  # noqa: E402
+
+MODULES = (logprobs, linear_logprobs, sequence_sums)
+
+
+def _has_ptxas():
+    try:
+        import triton
+    except ImportError:
+        return False
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+
+
+needs_ptxas = pytest.mark.skipif(not _has_ptxas(), reason="triton's bundled ptxas is not available")
+
+
+def _report(tmp_path, *args, timeout=1500):
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_report.py"), "--json", str(out), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc
+
+
+def _check(rows):
+    assert rows
+    errors = [f"{r['kernel']} {r['arch']} {r['config']}: {r['error']}" for r in rows if r["error"]]
+    assert not errors, "\n".join(errors)
+    spills = [f"{r['kernel']} {r['arch']} {r['config']} warps={r['num_warps']}: regs={r['regs']} "
+              f"spill stores={r['spill_stores']} loads={r['spill_loads']}"
+              for r in rows if r["spill_stores"] != 0 or r["spill_loads"] != 0]
+    assert not spills, "register spills:\n" + "\n".join(spills)
+    for r in rows:
+        assert 0 < r["regs"] <= 255
+        assert r["shared"] <= (232448 if r["arch"] == "sm_90" else 166912), r  # opt-in smem per block
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+
+
+def test_aot_configs_cover_every_kernel_and_launcher_choice():
+    for mod in MODULES:
+        kernels = {name for name in dir(mod) if name.startswith("_") and name.endswith("_kernel")}
+        cfgs = mod.aot_configs()
+        assert kernels and {fn.__name__ for fn, *_ in cfgs} == kernels, mod.__name__
+        for fn, sig, cx, warps in cfgs:
+            assert set(sig) | set(cx) == set(fn.arg_names), (fn.__name__, set(fn.arg_names) ^ (set(sig) | set(cx)))
+            assert warps in (1, 2, 4, 8, 16, 32)
+    # every block configuration the launchers can pick is in the list
+    row_cfgs = {(c[2]["BLOCK_V"], c[3]) for c in logprobs.aot_configs()}
+    for V in (1, 77, 1000, 8192, 8193, 32000, 128256, 262144):
+        assert logprobs._config(V) in row_cfgs
+    import torch
+    lin = {(c[0].__name__, c[1]["h_ptr"], c[2]["BLOCK_N"], c[2]["BLOCK_V"], c[2]["BLOCK_K"], c[3])
+           for c in linear_logprobs.aot_configs() if "h_ptr" in c[1]}
+    for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        assert ("_linear_fwd_kernel", f"*{name}") + linear_logprobs._config(dt, False) in lin
+        assert ("_linear_bwd_kernel", f"*{name}") + linear_logprobs._config(dt, True) in lin
+    seg = {(c[2]["BLOCK"], c[3]) for c in sequence_sums.aot_configs()}
+    for n, s in ((10, 1), (100, 10), (4096, 8), (10 ** 6, 3)):
+        assert sequence_sums._config(n, s) in seg
+
+
+@needs_ptxas
+def test_aot_compile_quick_no_spills(tmp_path):
+    """Heaviest configuration of each kernel and dtype, sm_80 + sm_90."""
+    rows, _ = _report(tmp_path, "--quick")
+    _check(rows)
+
+
+@pytest.mark.slow
+@needs_ptxas
+def test_aot_compile_all_configs_no_spills(tmp_path):
+    """Every configuration of every kernel, sm_80 + sm_90 (a few minutes cold; the triton cache helps)."""
+    rows, _ = _report(tmp_path)
+    expected = sum(len(m.aot_configs()) for m in MODULES) * 2
+    assert len(rows) == expected
+    _check(rows)
