@@ -2,7 +2,7 @@
 
     from prefopt.losses import preference_loss, kto_loss
 
-Every formula lives once in ``prefopt.losses.table``; see docs/losses.md.
+Every formula lives once in ``prefopt.losses.table``; see README.md (section "Losses").
 """
 from prefopt.losses.api import F_DIVERGENCE_TYPES, LOSS_TYPES, kto_loss, preference_loss
 

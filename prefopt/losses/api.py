@@ -3,7 +3,7 @@
 ``preference_loss``: the paired family. Reference-based (DPO and variants; TRL ``DPOTrainer`` loss_type names) and
 reference-free (SimPO, CPO, ORPO; pass no reference logps) share one entry point; the loss names say which.
 ``kto_loss``: unpaired KTO (TRL ``KTOTrainer``).
-See docs/losses.md for the table of losses, papers and arguments.
+See README.md (section "Losses") for the table of losses, papers and arguments.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 (TRL 1.16 DPOTrainer._compute_loss, CPOTrainer.cpo_loss, ORPOTrainer.odds_ratio_loss, KTOTrainer._compute_loss),
 independently of prefopt/losses/table.py. Tests compare prefopt against these; no validation here.
 
-Deliberate extensions over TRL 1.16 (documented in docs/losses.md):
+Deliberate extensions over TRL 1.16 (documented in README.md (section "Losses")):
 * sigmoid takes cDPO label smoothing (TRL <= 0.x behaviour; identical to TRL 1.16 at label_smoothing=0);
 * bco_pair takes the reward shift `bco_running_mean` (TRL 0.x's running mean; TRL 1.16 has none, i.e. 0.0);
 * alpha_divergence clamps the exponent at 80 for float64 too (TRL only lists fp16/bf16/fp32);
