@@ -1,0 +1,116 @@
+"""`python -m bench` / `prefopt bench`: run the benchmark grid, print a markdown table, write JSON + PNGs.
+
+Examples:
+  python -m bench --quick                         # reference case + small V / token sweeps, < 3 min on 2 cores
+  python -m bench                                 # the default grid (V up to 256k where memory allows)
+  python -m bench --reference-only               # only the reference DPO case, both input kinds
+  python -m bench --ops linear --tokens 1024 --hidden 1024 --vocab 32000 128000 --kinds lm
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="prefopt bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--quick", action="store_true", help="small grid (reference case included), < 3 min on 2 cores")
+    p.add_argument("--reference-only", action="store_true", help="only the benchmark reference DPO case")
+    p.add_argument("--ops", nargs="+", choices=("logits", "linear", "dpo"),
+                   help="custom grid: ops (with --tokens/--hidden/--vocab/--dtypes/--kinds)")
+    p.add_argument("--tokens", nargs="+", type=int, help="custom grid: tokens (dpo: tokens per sequence)")
+    p.add_argument("--hidden", nargs="+", type=int, help="custom grid: hidden sizes H")
+    p.add_argument("--vocab", nargs="+", type=int, help="custom grid: vocabulary sizes V")
+    p.add_argument("--dtypes", nargs="+", default=None, help="custom grid: float32 / bfloat16 (default float32)")
+    p.add_argument("--kinds", nargs="+", choices=("uniform", "lm"), default=None,
+                   help="input kinds (default: both); also filters the default grid")
+    p.add_argument("--pairs", type=int, default=2, help="custom dpo grid: preference pairs (default 2)")
+    p.add_argument("--impls", nargs="+", default=None,
+                   help="only implementations whose name contains one of these (eager and gemm-limit always run)")
+    p.add_argument("--repeats", type=int, default=None, help="measured steps per implementation (median; default 3, "
+                   "--quick 1)")
+    p.add_argument("--warmup", choices=("full", "small"), default=None,
+                   help="warm-up before the measured steps: one full step (default) or two steps on small "
+                   "variants of the case (default with --quick)")
+    p.add_argument("--malloc", choices=("fixed", "default"), default="fixed",
+                   help="CPU peak memory: fix glibc's mmap threshold at 1 MiB in each child so peak RSS tracks "
+                   "live allocations (default), or keep glibc's dynamic threshold")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (memory via torch.cuda.max_memory_allocated)")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per case x implementation child")
+    p.add_argument("--out", default=None, help="output directory (default bench/results/)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--list", action="store_true", help="print the grid and the implementations, run nothing")
+    return p
+
+
+def build_grid(args):
+    from bench import cases as C
+    if args.ops or args.tokens or args.hidden or args.vocab:
+        if not args.ops:
+            raise SystemExit("custom grid: give --ops (with --tokens, --hidden, --vocab)")
+        grid = C.product_grid(args.ops, args.tokens or [1024], args.hidden or [1024], args.vocab or [32000],
+                              args.dtypes or ["float32"], args.kinds or ["uniform", "lm"], pairs=args.pairs)
+    elif args.reference_only:
+        grid = C.reference_cases()
+    else:
+        grid = C.default_grid(quick=args.quick)
+        if args.dtypes:
+            grid = [c for c in grid if c.dtype in args.dtypes]
+    if args.kinds:
+        grid = [c for c in grid if c.kind in args.kinds]
+    return grid
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from bench import cases as C
+    from bench.measure import run_grid, torch_device_type
+    from bench.plots import write_plots
+    from bench.report import environment, markdown, write_json
+
+    grid = build_grid(args)
+    if args.list:
+        for case in grid:
+            impls = C.implementations(case.op, torch_device_type(args.device), quick=args.quick)
+            names = ", ".join(i.name if ok else f"{i.name} (skip: {why})" for i, ok, why in impls)
+            print(f"{case.name}{' [reference]' if case.tag else ''}: {names}")
+        return 0
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            print("--device cuda: no CUDA device here", file=sys.stderr)
+            return 2
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    repeats = args.repeats or (1 if args.quick else 3)
+    start = time.perf_counter()
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    records = run_grid(grid, device=args.device, repeats=repeats, timeout=args.timeout, threads=args.threads,
+                       impl_filter=args.impls, warmup=args.warmup or ("small" if args.quick else "full"), log=log,
+                       malloc=args.malloc, quick=args.quick)
+    env = environment(args.device, argv=list(sys.argv[1:] if argv is None else argv))
+    env["repeats"] = repeats
+    env["warmup"] = args.warmup or ("small" if args.quick else "full")
+    env["malloc"] = args.malloc
+    env["elapsed_s"] = round(time.perf_counter() - start, 1)
+    table = markdown(records, env)
+    json_path = write_json(os.path.join(out_dir, "results.json"), records, env)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    plots = [] if args.no_plots else write_plots(records, out_dir)
+    print(table)
+    log(f"\nwrote {json_path}, {os.path.join(out_dir, 'results.md')}"
+        + (f" and {len(plots)} plots" if plots else "") + f" in {env['elapsed_s']} s")
+    failed = sum(len(r.get("failed") or {}) for r in records)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

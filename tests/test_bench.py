@@ -1,0 +1,77 @@
+"""Smoke test of the benchmark suite (bench/): a tiny grid end to end through the CLI entry point.
+
+Every case x implementation runs in its own process; JSON, markdown and PNG plots are written; every
+implementation that ran agrees with eager (loss, per-token / per-sequence log-probs, gradient slice).
+"""
+import json
+import os
+
+import pytest
+
+pytest.importorskip("psutil")
+
+from bench.__main__ import main  # noqa: E402
+
+TOL = {"loss": 1e-4, "out": 1e-3, "grad": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc = main(["--ops", "logits", "linear", "dpo", "--tokens", "16", "--hidden", "16", "--vocab", "128", "256",
+               "--kinds", "lm", "--repeats", "1", "--timeout", "120", "--out", str(out)])
+    with open(out / "results.json") as f:
+        doc = json.load(f)
+    return rc, out, doc
+
+
+def test_outputs_written(run):
+    rc, out, doc = run
+    assert (out / "results.md").read_text().count("| eager |") == 6
+    pngs = [p for p in os.listdir(out) if p.endswith(".png")]
+    assert any("_vs_vocab" in p for p in pngs), pngs
+    env = doc["environment"]
+    assert env["cpu_model"] and env["torch"]
+    assert len(doc["records"]) == 6
+
+
+def test_every_implementation_ran_and_agrees(run):
+    rc, _, doc = run
+    failures = {r["name"]: r.get("failed") for r in doc["records"] if r.get("failed")}
+    assert rc == 0 and not failures, failures
+    for rec in doc["records"]:
+        impls = rec["impls"]
+        assert "eager" in impls and any(n.startswith("prefopt[") for n in impls), rec["name"]
+        if rec["case"]["op"] != "logits":
+            assert impls["gemm-limit"]["median_s"] > 0
+        assert rec["entropy"] > 0
+        for name, r in impls.items():
+            assert r["median_s"] > 0, (rec["name"], name)
+            if r["timing_only"]:
+                continue
+            assert r["peak_extra_bytes"] is not None and r["peak_extra_bytes"] >= 0
+            agree = r["agreement"]
+            for key, tol in TOL.items():
+                if agree.get(key) is not None:
+                    assert agree[key] <= tol, (rec["name"], name, key, agree[key])
+        # skipped peers carry a reason
+        for name, why in (rec.get("skipped") or {}).items():
+            assert why, (rec["name"], name)
+
+
+def test_reference_case_is_in_the_grid():
+    from bench.cases import default_grid
+    for quick in (False, True):
+        ref = [c for c in default_grid(quick=quick) if c.tag == "reference"]
+        assert {c.kind for c in ref} == {"uniform", "lm"}
+        for c in ref:
+            assert (c.op, c.pairs, c.seq, c.hidden, c.vocab, c.dtype) == ("dpo", 2, 512, 1024, 32000, "float32")
+
+
+def test_lm_inputs_are_calibrated():
+    from bench.cases import Case
+    from bench.inputs import build, measured_entropy
+    ent = measured_entropy(build(Case("linear", 256, 64, 4096, "float32", "lm")))
+    assert 1.0 <= ent <= 3.0
+    ent_uniform = measured_entropy(build(Case("linear", 64, 64, 4096, "float32", "uniform")))
+    assert ent_uniform > 7.0
