@@ -29,6 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
+# Pairs per program. With 4 warps, 256 keeps two pairs per thread: long loss lists (all 15 DPO losses in one
+# kernel) and fp64 stay free of register spills (1024 spilled; see bench/kernel_report.py).
+MAX_BLOCK = 256
+
 from prefopt.losses.table import LOG1MEXP_SWITCH, PARAM_NAMES, PairSpec, _Params, pair_terms
 
 
@@ -253,7 +257,7 @@ def pair_forward(spec: PairSpec, x: dict, params: torch.Tensor, need_grad: bool,
     grads = {k: (torch.empty(P, dtype=compute_dtype, device=pc.device) if (need_grad and slots[k]) else None)
              for k in _GRADS}
     gptrs = [grads[k] if grads[k] is not None else loss for k in _GRADS]
-    BLOCK = max(16, min(1024, triton.next_power_of_2(P)))
+    BLOCK = max(16, min(MAX_BLOCK, triton.next_power_of_2(P)))
     grid = (triton.cdiv(P, BLOCK),)
     kern[grid](*ins, params.to(compute_dtype).contiguous(), loss, *gptrs, P, BLOCK=BLOCK)
     return loss, grads
@@ -272,7 +276,133 @@ def backward_scale(saved: torch.Tensor, grad_out: torch.Tensor, out_dtype: torch
     """grad_input = saved per-pair derivative * grad_out (0-dim), cast to the input dtype."""
     P = saved.shape[0]
     out = torch.empty(P, dtype=out_dtype, device=saved.device)
-    BLOCK = max(16, min(1024, triton.next_power_of_2(P)))
+    BLOCK = max(16, min(MAX_BLOCK, triton.next_power_of_2(P)))
     _scale_kernel[(triton.cdiv(P, BLOCK),)](saved, grad_out.to(saved.dtype).reshape(1).contiguous(), out, 1.0, P,
                                            BLOCK=BLOCK)
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ahead-of-time compile configurations (bench/kernel_report.py, tests/test_aot_compile.py)
+# ------------------------------------------------------------------------------------------------------------
+_AOT_BLOCKS = (16, 32, 64, 128, 256)  # every BLOCK pair_forward / backward_scale can pick (from P)
+AOT_VARIANTS = ("default", "fp64", "stress")
+
+
+def _aot_specs():
+    """(tag, PairSpec) of the loss configurations compiled ahead of time: every loss type of the table at least
+    once, every f-divergence, with and without lengths / WPO weights, the reference-free family, KTO.
+    "quick": the fast smoke subset (together: every loss type but cpo / cpo_hinge / cpo_ipo, which are the sigmoid /
+    hinge / ipo formulas without a reference; every f-divergence, lengths, weights, ref-free, KTO).
+    "stress": long loss lists the API accepts whose kernel spills at BLOCK 1024 / 4 warps (hence MAX_BLOCK)
+    (8 values per thread; see ``aot_configs(variant="stress")``)."""
+    from prefopt.losses.table import DIVERGENCES, DPO_LOSSES, REF_FREE_LOSSES, TABLE
+    norm = ("delta_norm", "cr_norm")
+    out = []
+    for n in DPO_LOSSES:  # each reference-based pair loss alone (the *_norm ones need lengths)
+        if TABLE[n].kind != "none":
+            out.append(("full", PairSpec((n,), has_len=TABLE[n].kind in norm)))
+    out.append(("full", PairSpec(("sigmoid", "sft"))))  # sft launches no kernel alone; kind "none" in a list
+    out.append(("full", PairSpec(("sigmoid",), has_w=True)))  # WPO weights
+    fdiv = tuple(n for n in DPO_LOSSES if TABLE[n].supports_f_divergence)
+    for d in DIVERGENCES:
+        if d != "reverse_kl":
+            out.append(("quick" if d != "alpha_divergence" else "full", PairSpec(("sigmoid",), divergence=d)))
+            # every loss that accepts an f-divergence at once, with lengths (+ WPO weights for alpha)
+            out.append(("quick" if d == "alpha_divergence" else "full",
+                        PairSpec(fdiv, divergence=d, has_len=True, has_w=d == "alpha_divergence")))
+    # the other reference-based losses in small lists (reverse_kl)
+    out.append(("quick", PairSpec(("sigmoid", "bco_pair", "sft"), has_w=True)))  # MPO-style, weighted
+    out.append(("quick", PairSpec(("nca_pair", "sppo_hard", "apo_zero", "apo_down"))))
+    out.append(("quick", PairSpec(("ipo", "aot", "aot_unpaired"), has_len=True)))
+    for n in REF_FREE_LOSSES:  # reference-free: one loss per call (cpo*: the sigmoid / hinge / ipo formulas)
+        out.append(("quick" if n in ("simpo", "orpo") else "full",
+                    PairSpec((n,), has_ref=False, has_len=TABLE[n].kind in norm)))
+    out.append(("quick", PairSpec(("kto",), has_ref=True, has_len=False, has_w=True)))  # kto_loss
+    rest = tuple(n for n in DPO_LOSSES if n not in fdiv)
+    out.append(("stress", PairSpec(rest)))
+    out.append(("stress", PairSpec(DPO_LOSSES, has_len=True)))
+    return out
+
+
+def _aot_pair_sig(dt):
+    sig = {f"{n}_ptr": f"*{dt}" for n in _INPUTS}
+    sig["prm_ptr"] = f"*{dt}"
+    sig["loss_ptr"] = f"*{dt}"
+    sig.update({f"g{k}_ptr": f"*{dt}" for k in _GRADS})
+    sig["P"] = "i32"
+    return sig
+
+
+def aot_configs(variant="default"):
+    """(kernel, signature, constexprs, num_warps) as the launchers above pick them on a GPU, for the loss
+    configurations of ``_aot_specs`` (the generated ``_pair_kernel`` of each, forward-only and forward+grad) and
+    the backward ``_scale_kernel``.
+
+    The pair kernel runs in the compute dtype: fp32 for fp32 / bf16 / fp16 inputs (they are cast before the
+    launch), so bf16 inputs use the fp32 kernels; only the backward's ``out`` has the input dtype. Scalars as on
+    a GPU launch (i32 P, fp32 scale); num_warps is triton's default (4). BLOCK MAX_BLOCK is the heaviest
+    (8 values per thread); every smaller BLOCK is listed for the heaviest configuration.
+
+    variant "default": the "quick" + "full" configurations in fp32 (the asserted sweep);
+    "fp64": the same in fp64 (compute dtype of fp64 inputs; report only: checked for spills at MAX_BLOCK);
+    "stress": the "stress" loss lists, fp32, forward+grad at MAX_BLOCK."""
+    if variant not in AOT_VARIANTS:
+        raise ValueError(f"variant must be one of {AOT_VARIANTS}, got {variant!r}")
+    fp64 = variant == "fp64"
+    ct = "fp64" if fp64 else "fp32"
+    specs = _aot_specs()
+    out = []
+    if variant == "stress":
+        for tag, spec in specs:
+            if tag == "stress":
+                out.append((get_kernel(spec, True, False), _aot_pair_sig(ct), dict(BLOCK=MAX_BLOCK), 4))
+        return out
+    heaviest = next(s for tag, s in specs if tag == "quick" and s.divergence == "alpha_divergence")
+    for tag, spec in specs:
+        if tag == "stress":
+            continue
+        for need_grad in (False, True):
+            kern = get_kernel(spec, need_grad, fp64)
+            for block in (_AOT_BLOCKS if (need_grad and spec == heaviest) else (MAX_BLOCK,)):
+                out.append((kern, _aot_pair_sig(ct), dict(BLOCK=block), 4))
+    for odt in (("fp64",) if fp64 else ("fp32", "bf16", "fp16")):
+        for block in (16, MAX_BLOCK):
+            sig = {"g_ptr": f"*{ct}", "go_ptr": f"*{ct}", "out_ptr": f"*{odt}", "scale": "fp32", "P": "i32"}
+            out.append((_scale_kernel, sig, dict(BLOCK=block), 4))
+    return out
+
+
+def aot_quick(variant="default"):
+    """Indices into ``aot_configs(variant)`` of the fast smoke subset: the "quick" configurations forward+grad at
+    MAX_BLOCK and the backward kernel at MAX_BLOCK for fp32 and bf16 outputs (fp64 for that variant)."""
+    quick = {(s, True) for tag, s in _aot_specs() if tag in ("quick", "stress")}
+    idx = []
+    for i, (fn, sig, cx, _) in enumerate(aot_configs(variant)):
+        if cx["BLOCK"] != MAX_BLOCK:
+            continue
+        if fn is _scale_kernel:
+            if sig["out_ptr"] in ("*fp32", "*bf16", "*fp64"):
+                idx.append(i)
+        elif aot_describe(fn) in quick:
+            idx.append(i)
+    return idx
+
+
+def aot_describe(fn):
+    """(PairSpec, need_grad) of a generated pair kernel (None for other kernels)."""
+    for (spec, need_grad, _fp64), k in _CACHE.items():
+        if k is fn:
+            return spec, need_grad
+    return None
+
+
+def aot_label(fn, sig, cx):
+    """Short description of a configuration for the kernel report."""
+    if fn is _scale_kernel:
+        return f"out={sig['out_ptr'][1:]}"
+    spec, need_grad = aot_describe(fn)
+    from prefopt.losses.table import DPO_LOSSES
+    names = f"all-ref-based({len(spec.losses)})" if spec.losses == DPO_LOSSES else "+".join(spec.losses)
+    return (f"losses={names} div={spec.divergence} ref={int(spec.has_ref)} len={int(spec.has_len)} "
+            f"w={int(spec.has_w)} grad={int(need_grad)}")

@@ -16,9 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from kernels import linear_logprobs, logprobs, sequence_sums  # noqa: E402
+from kernels import linear_logprobs, logprobs, preference_loss, sequence_sums  # noqa: E402
 
 MODULES = (logprobs, linear_logprobs, sequence_sums)
+ALL_MODULES = MODULES + (preference_loss,)  # the loss kernels are generated, not module attributes
 
 
 def _has_ptxas():
@@ -79,6 +80,48 @@ def test_aot_configs_cover_every_kernel_and_launcher_choice():
         assert sequence_sums._config(n, s) in seg
 
 
+def test_aot_configs_cover_every_loss_type():
+    """The loss-kernel configurations: every loss type of the table, every f-divergence, with/without lengths,
+    WPO weights, reference-free, KTO, forward-only and forward+grad, the backward kernel, every BLOCK the launchers
+    can pick; each is the very kernel the launcher gets from the generator; the quick subset covers the loss types."""
+    import torch
+    from prefopt.losses.table import DIVERGENCES, REF_FREE_LOSSES, TABLE
+    cfgs = preference_loss.aot_configs()
+    quick = [cfgs[i] for i in preference_loss.aot_quick()]
+    assert {fn.__name__ for fn, *_ in cfgs} == {"_pair_kernel", "_scale_kernel"}
+    for fn, sig, cx, warps in cfgs:
+        assert set(sig) | set(cx) == set(fn.arg_names), (fn.__name__, set(fn.arg_names) ^ (set(sig) | set(cx)))
+        assert warps == 4 and cx["BLOCK"] in preference_loss._AOT_BLOCKS
+        if fn.__name__ == "_pair_kernel":
+            assert all(t == "*fp32" for k, t in sig.items() if k.endswith("_ptr"))
+
+    def described(cs):
+        return [preference_loss.aot_describe(fn) for fn, *_ in cs if fn.__name__ == "_pair_kernel"]
+
+    specs = described(cfgs)
+    assert all(preference_loss.get_kernel(s, g, False) is fn for (s, g), (fn, *_) in
+               zip(specs, [c for c in cfgs if c[0].__name__ == "_pair_kernel"]))
+    assert {n for s, _ in specs for n in s.losses} == set(TABLE)
+    # quick: every loss formula (cpo / cpo_hinge / cpo_ipo = sigmoid / hinge / ipo without a reference: full only)
+    assert {n for s, g in described(quick) if g for n in s.losses} == set(TABLE) - {"cpo", "cpo_hinge", "cpo_ipo"}
+    assert {(n,) for n in TABLE if TABLE[n].kind != "none"} <= {s.losses for s, _ in specs}
+    for group in (specs, described(quick)):
+        assert {s.divergence for s, _ in group} == set(DIVERGENCES)
+        assert {s.has_len for s, _ in group} == {False, True} and {s.has_w for s, _ in group} == {False, True}
+        assert {s.has_ref for s, _ in group} == {False, True}
+    assert {g for _, g in specs} == {False, True}
+    assert {s.losses[0] for s, _ in specs if not s.has_ref} == set(REF_FREE_LOSSES)
+    assert {c[2]["BLOCK"] for c in cfgs if c[0].__name__ == "_pair_kernel"} == set(preference_loss._AOT_BLOCKS)
+    import triton
+    for P in (1, 7, 100, 513, 10 ** 6):  # the launchers' BLOCK choice
+        assert max(16, min(preference_loss.MAX_BLOCK, triton.next_power_of_2(P))) in preference_loss._AOT_BLOCKS
+    scale = {(c[1]["out_ptr"], c[2]["BLOCK"]) for c in cfgs if c[0].__name__ == "_scale_kernel"}
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt]
+        assert (f"*{name}", preference_loss.MAX_BLOCK) in scale and (f"*{name}", 16) in scale
+    assert {c[1]["out_ptr"] for c in quick if c[0].__name__ == "_scale_kernel"} == {"*fp32", "*bf16"}
+
+
 @needs_ptxas
 def test_aot_compile_quick_no_spills(tmp_path):
     """Heaviest configuration of each kernel and dtype, sm_80 + sm_90."""
@@ -91,6 +134,16 @@ def test_aot_compile_quick_no_spills(tmp_path):
 def test_aot_compile_all_configs_no_spills(tmp_path):
     """Every configuration of every kernel, sm_80 + sm_90 (a few minutes cold; the triton cache helps)."""
     rows, _ = _report(tmp_path)
-    expected = sum(len(m.aot_configs()) for m in MODULES) * 2
+    expected = sum(len(m.aot_configs()) for m in ALL_MODULES) * 2
     assert len(rows) == expected
+    _check(rows)
+
+
+@pytest.mark.slow
+@needs_ptxas
+@pytest.mark.parametrize("variant", ["stress", "fp64"])
+def test_aot_compile_loss_long_lists_and_fp64_no_spills(tmp_path, variant):
+    """All 15 reference-based losses in one kernel, and fp64 math: no spills at the launcher's MAX_BLOCK."""
+    rows, _ = _report(tmp_path, "--modules", "kernels.preference_loss", "--loss-variant", variant)
+    assert len(rows) == len(preference_loss.aot_configs(variant)) * 2
     _check(rows)
