@@ -8,8 +8,7 @@ Inputs arrive validated by ``prefopt/losses/api.py``. The Function picks a backe
 
 * "torch":  ``torch_pair_forward`` below (evaluates the table with ``TorchOps``);
 * "triton": ``kernels/preference_loss.py`` (``prefopt.kernels.preference_loss``; kernel generated from the table);
-* "cpp":    ``prefopt.cpu.losses_cpp`` when it exists (the C++ loss table, not written yet); until then the
-            C++ backend runs the loss on the torch implementation (the loss is [P]-sized elementwise work).
+* "cpp":    ``prefopt.cpu.losses_cpp`` (each table entry's formula in C++, combined by ``pair_terms``).
 
 The forward computes the per-pair derivatives in the same pass (they cost a few flops), maps them through the
 batch-coupled pieces done in torch (the aot sorts) to per-input derivatives, and saves those; the backward is
@@ -57,10 +56,7 @@ def loss_impl(device):
     if backend == "triton":
         return _import_kernels()
     if backend == "cpp":
-        try:
-            return importlib.import_module("prefopt.cpu.losses_cpp")
-        except ModuleNotFoundError:
-            return _TorchBackend
+        return importlib.import_module("prefopt.cpu.losses_cpp")
     return _TorchBackend
 
 

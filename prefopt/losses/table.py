@@ -383,13 +383,21 @@ class _Params:
         self.__dict__.update(values)
 
 
-def pair_terms(ops, spec: PairSpec, x: dict, p, need_grad: bool):
+def pair_terms(ops, spec: PairSpec, x: dict, p, need_grad: bool, entry_forward=None, entry_grad=None):
     """Per-pair loss and derivatives of one configuration.
 
     x: per-pair values {"pc", "pr", "rc", "rr", "ilc", "ilr", "ha", "hu", "w"} (absent ones may be missing).
     p: parameters (attributes PARAM_NAMES and lw0, lw1, ...).
+    entry_forward(entry, *args) / entry_grad(entry, i, *args): evaluate one table entry's formula; default: the
+    entry's own functions on `ops` (the C++ backend passes its compiled mirror of the entries instead).
     Returns (loss, {"c": dL/dc, "r": dL/dr, "a": dL/dh_aot, "u": dL/dh_aot_unpaired}) (grads None if unused).
     """
+    if entry_forward is None:
+        def entry_forward(entry, *args):
+            return entry.forward(ops, p, *args)
+    if entry_grad is None:
+        def entry_grad(entry, i, *args):
+            return entry.grads[i](ops, p, *args)
     div = DIVERGENCES[spec.divergence]
     c = ops.let("c", x["pc"] - x["rc"]) if spec.has_ref else x["pc"]
     r = None
@@ -421,9 +429,9 @@ def pair_terms(ops, spec: PairSpec, x: dict, p, need_grad: bool):
                 h = ops.let(f"h{k}", sc * x["ilc"] - sr * x["ilr"])
             else:
                 h = x["ha"] if e.kind == "aot" else x["hu"]
-            f = ops.let(f"f{k}", lw * e.forward(ops, p, h))
+            f = ops.let(f"f{k}", lw * entry_forward(e, h))
             if need_grad:
-                d = ops.let(f"d{k}", lw * e.grads[0](ops, p, h))
+                d = ops.let(f"d{k}", lw * entry_grad(e, 0, h))
                 if e.kind == "delta":
                     acc("c", d * dsc)
                     acc("r", (0.0 - d) * dsr)
@@ -434,16 +442,16 @@ def pair_terms(ops, spec: PairSpec, x: dict, p, need_grad: bool):
                     acc("a" if e.kind == "aot" else "u", d)
         elif e.kind in ("cr", "cr_norm"):
             a, b = (c, r) if e.kind == "cr" else (ops.let("cn", c * x["ilc"]), ops.let("rn", r * x["ilr"]))
-            f = ops.let(f"f{k}", lw * e.forward(ops, p, a, b))
+            f = ops.let(f"f{k}", lw * entry_forward(e, a, b))
             if need_grad:
-                dc = lw * e.grads[0](ops, p, a, b)
-                dr = lw * e.grads[1](ops, p, a, b)
+                dc = lw * entry_grad(e, 0, a, b)
+                dr = lw * entry_grad(e, 1, a, b)
                 acc("c", dc if e.kind == "cr" else dc * x["ilc"])
                 acc("r", dr if e.kind == "cr" else dr * x["ilr"])
         elif e.kind == "signed":
-            f = ops.let(f"f{k}", lw * e.forward(ops, p, c, x["s"]))
+            f = ops.let(f"f{k}", lw * entry_forward(e, c, x["s"]))
             if need_grad:
-                acc("c", lw * e.grads[0](ops, p, c, x["s"]))
+                acc("c", lw * entry_grad(e, 0, c, x["s"]))
         else:  # pragma: no cover
             raise AssertionError(e.kind)
         loss = f if loss is None else loss + f
