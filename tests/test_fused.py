@@ -1,8 +1,11 @@
 """fused_linear_preference_loss against an eager path that materialises the logits (TRL's formulas)."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import prefopt
+import prefopt._backend
 from prefopt.losses.reference import reference_cpo_loss, reference_dpo_loss
 from prefopt.reference import linear_logprobs_ref
 
@@ -174,8 +177,36 @@ def test_bad_input(kwargs, message):
         prefopt.fused_linear_dpo_loss(hidden, weight, labels, cu_seqlens=kwargs.get("cu"), **ref)
 
 
-def test_memory_flat_in_vocab_is_shown_by_tile_size():
-    """The CPU head's tile is capped in elements, so the logits-sized buffer never appears as V grows."""
-    from prefopt.cpu.chunked import TILE_ELEMENTS, chunk_rows
-    for vocab in (32_000, 128_000, 262_144):
-        assert chunk_rows(65_536, vocab, None) * vocab <= TILE_ELEMENTS
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op creates while active (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_no_logits_sized_buffer_forward_or_backward(backend):
+    """At N x V far above one tile, no op of the fused DPO step creates an [N, V]-sized tensor."""
+    from prefopt.cpu.chunked import TILE_ELEMENTS
+    if backend == "cpp" and not prefopt._backend.cpp_status("cpu")[0]:
+        pytest.skip("C++ extension not built")
+    pairs, length, features, vocab = 4, 128, 8, 65536          # N x V = 33.5M, tile = 8.4M elements
+    hidden = torch.randn(2 * pairs, length, features, requires_grad=True)
+    weight = (torch.randn(vocab, features) / 3).requires_grad_()
+    labels = torch.randint(0, vocab, (2 * pairs, length))
+    ref_hidden = hidden.detach() + 0.01 * torch.randn_like(hidden)
+    probe = _LargestTensor()
+    with prefopt.use_backend(backend), probe:
+        loss, _ = prefopt.fused_linear_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=weight.detach())
+        loss.backward()
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+    n_tokens = 2 * pairs * length
+    assert probe.largest <= TILE_ELEMENTS < n_tokens * vocab // 4, probe.largest
