@@ -70,6 +70,11 @@ def triton_status(device_type: str) -> tuple[bool, str]:
                        "before triton is imported")
     if device_type not in ("cpu", "cuda"):
         return False, f"no Triton backend for device type {device_type!r}"
+    if device_type == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "no CUDA device is visible to torch"
     return True, ""
 
 
