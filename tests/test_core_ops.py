@@ -102,6 +102,35 @@ def test_linear_logprobs_float64(backend, options, chunk_size):
         torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
 
 
+CPU_BACKENDS = [b for b in BACKENDS if b.values[0] != "triton"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("options", [dict(), dict(temperature=0.8, softcap=4.0), dict(logit_scale=0.25, bias=True)])
+@pytest.mark.parametrize("tile_elements", [40, 64])
+def test_cpu_head_vocab_blocks_float64(backend, options, tile_elements, monkeypatch):
+    """Tiles smaller than a row: the vocabulary is split in ragged blocks merged by the online LSE rule."""
+    import prefopt.cpu.chunked as chunked
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", tile_elements)
+    monkeypatch.setattr(chunked, "TARGET_ROWS", 3)
+    assert chunked.tile_shape(14, 99, None)[1] < 99
+    options = dict(options)
+    hidden = (2 * torch.randn(2, 7, 16, dtype=torch.float64)).requires_grad_()
+    weight = torch.randn(99, 16, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(99, dtype=torch.float64, requires_grad=True) if options.pop("bias", False) else None
+    labels = _labels((2, 7), 99)
+    labels[0, :3] = torch.tensor([0, 98, 50])  # first, last and a middle block
+    inputs = [t for t in (hidden, weight, bias) if t is not None]
+    kwargs = dict(return_entropy=True, **options)
+    with prefopt.use_backend(backend):
+        got, got_grads = _grads(lambda: prefopt.linear_logprobs(hidden, weight, labels, bias, **kwargs), *inputs)
+        got_sq = prefopt.linear_logprobs(hidden, weight, labels, bias, return_log_sum_p2=True, **options)[1]
+    want, want_grads = _grads(lambda: linear_logprobs_ref(hidden, weight, labels, bias, **kwargs), *inputs)
+    want_sq = linear_logprobs_ref(hidden, weight, labels, bias, return_log_sum_p2=True, **options)[1]
+    for g, w in zip(got + got_grads + (got_sq,), want + want_grads + (want_sq,)):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_linear_logprobs_low_precision(backend, dtype):

@@ -1,9 +1,11 @@
-"""The fused linear head for CPU backends: token chunks x the full vocabulary.
+"""The fused linear head for CPU backends: tiles of token rows x vocabulary columns.
 
-Each chunk is one GEMM (torch/BLAS does that best) into an owned fp32 tile, folded by the row ops of the
-chosen backend (torch or C++) into per-token statistics. The backward recomputes the tile, turns it into
-the logits gradient *in place* and feeds two GEMMs. The chunk height shrinks as V grows, so the tile stays
-about TILE_ELEMENTS and peak extra memory does not grow with V.
+Each tile is one GEMM (torch/BLAS does that best) into an owned fp32 tile, folded by the row ops of the chosen
+backend (torch or C++) into per-token statistics of that vocabulary block; blocks are merged with the online
+log-sum-exp rule. The backward recomputes each tile, turns it into the logits gradient *in place* and feeds two
+GEMMs. A tile holds about TILE_ELEMENTS values whatever V is, so peak extra memory does not grow with V; tiling
+the vocabulary too (not only the tokens) keeps the row count of a tile high at V = 128k-256k, so the weight
+gradient is swept a few times instead of once per handful of tokens.
 """
 from __future__ import annotations
 
@@ -12,12 +14,20 @@ import torch
 from prefopt._types import RowStats
 
 TILE_ELEMENTS = 1 << 23  # 8M fp32 = 32 MiB per tile
+TARGET_ROWS = 1024       # rows per tile when V is large (vocabulary blocks shrink instead)
+
+# Labels are clamped into each vocabulary block and this ignore_index (never a real label) keeps every row live
+# in the row ops; the onehot term of rows whose label lies in another block is then taken back out.
+_NO_IGNORE = -(1 << 62)
 
 
-def chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
+def tile_shape(n_rows: int, vocab: int, chunk_size: int | None):
+    """(rows, vocabulary columns) of one tile."""
     if chunk_size is not None:
-        return max(1, int(chunk_size))
-    return max(1, min(n_rows, TILE_ELEMENTS // max(vocab, 1)))
+        rows = max(1, int(chunk_size))
+    else:
+        rows = max(1, min(n_rows, max(TILE_ELEMENTS // max(vocab, 1), TARGET_ROWS)))
+    return rows, max(1, min(vocab, TILE_ELEMENTS // rows))
 
 
 def _acc(dtype):
@@ -25,13 +35,32 @@ def _acc(dtype):
 
 
 def _tile(hidden_rows, weight, bias):
-    """Raw logits of a chunk as an owned accumulator-dtype tensor."""
+    """Raw logits of a tile as an owned accumulator-dtype tensor."""
     if bias is None:
         raw = hidden_rows @ weight.T
     else:
         raw = torch.addmm(bias, hidden_rows, weight.T)
     acc = _acc(raw.dtype)
     return raw if raw.dtype == acc else raw.to(acc)
+
+
+def _blocks(total, step):
+    for start in range(0, total, step):
+        yield start, min(total, start + step)
+
+
+def _local_labels(labels, v_start, v_stop):
+    """Labels relative to a vocabulary block, clamped into it, and which rows really have theirs there."""
+    in_block = (labels >= v_start) & (labels < v_stop)
+    return (labels - v_start).clamp_(0, v_stop - v_start - 1), in_block
+
+
+def _slope(raw, logit_scale, softcap, temperature):
+    """dz/draw at the given raw logits."""
+    slope = logit_scale / temperature
+    if softcap:
+        return (1.0 - torch.tanh(raw * (logit_scale / softcap)) ** 2) * slope
+    return torch.full_like(raw, slope)
 
 
 class ChunkedHead:
@@ -43,16 +72,48 @@ class ChunkedHead:
     def linear_forward(self, hidden, weight, bias, labels, logit_scale, softcap, temperature, want_entropy,
                        want_sqsum, chunk_size=None):
         n_rows, vocab = hidden.shape[0], weight.shape[0]
-        step = chunk_rows(n_rows, vocab, chunk_size)
-        parts = []
-        for start in range(0, n_rows, step):
-            stop = min(n_rows, start + step)
-            raw = _tile(hidden[start:stop], weight, bias)
-            parts.append(self.rowops.row_forward(raw, labels[start:stop], -1, logit_scale, softcap, temperature,
-                                                 want_entropy, want_sqsum))
-            del raw
-        return RowStats(*(None if parts[0][i] is None else torch.cat([p[i] for p in parts])
-                          for i in range(len(RowStats._fields))))
+        rows_step, vocab_step = tile_shape(n_rows, vocab, chunk_size)
+        acc = _acc(hidden.dtype)
+        logp = torch.empty(n_rows, dtype=acc, device=hidden.device)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if want_entropy else None
+        log_sum_p2 = torch.empty_like(logp) if want_sqsum else None
+        for r0, r1 in _blocks(n_rows, rows_step):
+            h_rows, lab_rows = hidden[r0:r1], labels[r0:r1]
+            run_lse = run_mean_z = run_lse2 = target = None
+            for v0, v1 in _blocks(vocab, vocab_step):
+                local, in_block = _local_labels(lab_rows, v0, v1)
+                raw = _tile(h_rows, weight[v0:v1], None if bias is None else bias[v0:v1])
+                stats = self.rowops.row_forward(raw, local, _NO_IGNORE, logit_scale, softcap, temperature,
+                                                want_entropy, want_sqsum)
+                del raw
+                if v0 == 0 and v1 == vocab:  # one block: the row ops' statistics are final
+                    run_lse, target_logp = stats.lse, stats.logp
+                    run_mean_z = None if stats.entropy is None else stats.lse - stats.entropy
+                    run_lse2 = None if stats.log_sum_p2 is None else stats.log_sum_p2 + 2 * stats.lse
+                    break
+                block_target = stats.logp + stats.lse  # z[label] for rows whose label is in this block
+                target = torch.where(in_block, block_target, target if target is not None else block_target)
+                block_mean_z = None if stats.entropy is None else stats.lse - stats.entropy
+                block_lse2 = None if stats.log_sum_p2 is None else stats.log_sum_p2 + 2 * stats.lse
+                if run_lse is None:
+                    run_lse, run_mean_z, run_lse2 = stats.lse, block_mean_z, block_lse2
+                    continue
+                merged = torch.logaddexp(run_lse, stats.lse)
+                if want_entropy:  # E_p[z] over the union: weights of the two parts are exp(lse_part - lse)
+                    run_mean_z = (run_lse - merged).exp() * run_mean_z + (stats.lse - merged).exp() * block_mean_z
+                if want_sqsum:
+                    run_lse2 = torch.logaddexp(run_lse2, block_lse2)
+                run_lse = merged
+            else:
+                target_logp = target - run_lse
+            logp[r0:r1] = target_logp
+            lse[r0:r1] = run_lse
+            if want_entropy:
+                entropy[r0:r1] = run_lse - run_mean_z
+            if want_sqsum:
+                log_sum_p2[r0:r1] = run_lse2 - 2 * run_lse
+        return RowStats(logp, lse, entropy, log_sum_p2)
 
     def linear_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, logit_scale,
                         softcap, temperature, chunk_size=None, needs_input_grad=(True, True, True)):
@@ -60,28 +121,50 @@ class ChunkedHead:
         need_b = need_b and bias is not None
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         acc = _acc(hidden.dtype)
-        grad_hidden = torch.empty_like(hidden) if need_h else None
+        rows_step, vocab_step = tile_shape(n_rows, vocab, chunk_size)
+        single_block = vocab_step >= vocab
+        # grad_hidden sums over vocabulary blocks: fp32 unless one block writes it whole.
+        grad_hidden = None
+        if need_h:
+            grad_hidden = torch.empty_like(hidden) if single_block else torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
-        step = chunk_rows(n_rows, vocab, chunk_size)
-        for start in range(0, n_rows, step):
-            stop = min(n_rows, start + step)
-            rows = slice(start, stop)
-            tile = _tile(hidden[rows], weight, bias)
-            self.rowops.row_backward(tile, labels[rows], lse[rows], None if entropy is None else entropy[rows],
-                                     grad_logp[rows], None if grad_entropy is None else grad_entropy[rows],
-                                     -1, logit_scale, softcap, temperature, out=tile)
-            grad_tile = tile if tile.dtype == hidden.dtype else tile.to(hidden.dtype)
-            if need_h:
-                torch.matmul(grad_tile, weight, out=grad_hidden[rows])
-            if need_w:
-                if grad_tile.dtype == acc:
-                    grad_weight.addmm_(grad_tile.T, hidden[rows])
-                else:  # bf16/fp16 GEMM, fp32 accumulation across chunks
-                    grad_weight += grad_tile.T @ hidden[rows]
-            if need_b:
-                grad_bias += tile.sum(0)
-            del tile, grad_tile
+        for r0, r1 in _blocks(n_rows, rows_step):
+            rows = slice(r0, r1)
+            h_rows = hidden[rows]
+            for v0, v1 in _blocks(vocab, vocab_step):
+                cols = slice(v0, v1)
+                local, in_block = _local_labels(labels[rows], v0, v1)
+                tile = _tile(h_rows, weight[cols], None if bias is None else bias[cols])
+                foreign = None if single_block else (~in_block).nonzero().squeeze(1)
+                if foreign is not None and foreign.numel():
+                    raw_at_label = tile[foreign, local[foreign]]  # read before the in-place backward
+                self.rowops.row_backward(tile, local, lse[rows], None if entropy is None else entropy[rows],
+                                         grad_logp[rows], None if grad_entropy is None else grad_entropy[rows],
+                                         _NO_IGNORE, logit_scale, softcap, temperature, out=tile)
+                if foreign is not None and foreign.numel():
+                    # rows whose label is in another block got a onehot term at the clamped column: remove it
+                    onehot = grad_logp[rows][foreign].to(acc) * _slope(raw_at_label, logit_scale, softcap,
+                                                                       temperature)
+                    tile[foreign, local[foreign]] -= onehot
+                grad_tile = tile if tile.dtype == hidden.dtype else tile.to(hidden.dtype)
+                if need_h:
+                    if single_block:
+                        torch.matmul(grad_tile, weight, out=grad_hidden[rows])
+                    elif grad_tile.dtype == acc:
+                        grad_hidden[rows].addmm_(grad_tile, weight[cols])
+                    else:
+                        grad_hidden[rows] += grad_tile @ weight[cols]
+                if need_w:
+                    if grad_tile.dtype == acc:
+                        grad_weight[cols].addmm_(grad_tile.T, h_rows)
+                    else:  # bf16/fp16 GEMM, fp32 accumulation across tiles
+                        grad_weight[cols] += grad_tile.T @ h_rows
+                if need_b:
+                    grad_bias[cols] += tile.sum(0)
+                del tile, grad_tile
+        if grad_hidden is not None and grad_hidden.dtype != hidden.dtype:
+            grad_hidden = grad_hidden.to(hidden.dtype)
         if grad_weight is not None and grad_weight.dtype != weight.dtype:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None and grad_bias.dtype != bias.dtype:
