@@ -3,19 +3,20 @@
 the f-divergence scores, loss weights and WPO weights are combined by the table's own `pair_terms`."""
 from __future__ import annotations
 
-from prefopt import _C
+from prefopt.cpu.extension import extension_for
 from prefopt.losses.table import INDEX, TorchOps, pair_terms, params_view
 
 
 def pair_forward(spec, x, params, need_grad, compute_dtype):
     params = params.to(compute_dtype).contiguous()
     view = params_view(params, len(spec.losses))
+    ext = extension_for(params)
 
     def entry_forward(entry, a, b=None):
-        return _C.pair_loss_forward(INDEX[entry.name], a.contiguous(), None if b is None else b.contiguous(), params)
+        return ext.pair_loss_forward(INDEX[entry.name], a.contiguous(), None if b is None else b.contiguous(), params)
 
     def entry_grad(entry, i, a, b=None):
-        grads = _C.pair_loss_backward(INDEX[entry.name], a.contiguous(), None if b is None else b.contiguous(),
+        grads = ext.pair_loss_backward(INDEX[entry.name], a.contiguous(), None if b is None else b.contiguous(),
                                       params, None)
         return grads[i]
 

@@ -1,4 +1,4 @@
-"""Row ops via the compiled C++ extension ``prefopt._C`` (backend "cpp"); built from csrc/cpu/.
+"""Row ops via the compiled extension (backend "cpp"): ``prefopt._C`` from csrc/cpu/, ``prefopt._C_cuda`` for CUDA.
 
 Same signatures and semantics as :mod:`prefopt.cpu.rowops_torch` (docs/design.md). One pass over each
 row forward (online log-sum-exp) and one in backward; OpenMP over rows. Outputs are float32 (float64
@@ -6,7 +6,7 @@ for float64 logits, so float64 tests stay tight, like the torch backend).
 """
 from __future__ import annotations
 
-from prefopt import _C
+from prefopt.cpu.extension import extension_for
 from prefopt._types import RowStats
 
 
@@ -15,7 +15,7 @@ def _cap(softcap) -> float:
 
 
 def row_forward(logits, labels, ignore_index, logit_scale, softcap, temperature, want_entropy, want_sqsum):
-    logp, lse, entropy, log_sum_p2 = _C.row_forward(logits, labels, int(ignore_index), float(logit_scale),
+    logp, lse, entropy, log_sum_p2 = extension_for(logits).row_forward(logits, labels, int(ignore_index), float(logit_scale),
                                                     _cap(softcap), float(temperature), bool(want_entropy),
                                                     bool(want_sqsum))
     return RowStats(logp, lse, entropy if want_entropy else None, log_sum_p2 if want_sqsum else None)
@@ -27,5 +27,5 @@ def row_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_i
     gradient then overwrites it in place, so no second [n, V] buffer exists."""
     if grad_entropy is None:
         entropy = None  # only needed for the entropy term
-    return _C.row_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, int(ignore_index),
+    return extension_for(logits).row_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, int(ignore_index),
                            float(logit_scale), _cap(softcap), float(temperature), out)
