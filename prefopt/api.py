@@ -17,6 +17,20 @@ def _pack_outputs(outputs, want_entropy, want_sqsum):
     return result[0] if len(result) == 1 else tuple(result)
 
 
+def _autocast_inputs(hidden, weight, bias):
+    """Under autocast the head runs in the autocast dtype, as `nn.Linear` would (the casts are differentiable, so
+    fp32 master weights get fp32 gradients). The Function then runs with autocast off: its backward recomputes
+    exactly the tiles the forward folded."""
+    tensors = (hidden, weight, bias)
+    if not all(t is None or isinstance(t, torch.Tensor) for t in tensors):
+        return tensors
+    device_type = hidden.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, softcap=None, logit_scale=1.0,
                          return_entropy=False, return_log_sum_p2=False):
     """Per-token log p(label) under softmax(transform(logits)), for trainers that already hold logits.
@@ -53,6 +67,7 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, tem
     Gradients flow to hidden, weight and bias. Peak extra memory is O(tile + tokens), independent of V.
     `chunk_size` sets the token rows per tile of the CPU backends (default: sized so a tile is ~32 MiB).
     """
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     check.check_linear_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale,
                               chunk_size)
     n_features = hidden.shape[-1]
@@ -77,10 +92,11 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, tem
         empty = zeros.new_empty(0)
         outputs = (connected, zeros if return_entropy else empty, zeros if return_log_sum_p2 else empty)
     else:
-        outputs = LinearLogprobsFunction.apply(rows_hidden, weight.contiguous(),
-                                               None if bias is None else bias.contiguous(), rows_labels,
-                                               float(logit_scale), softcap or None, float(temperature),
-                                               return_entropy, return_log_sum_p2, chunk_size)
+        with torch.autocast(hidden.device.type, enabled=False):  # the backward must recompute the same tiles
+            outputs = LinearLogprobsFunction.apply(rows_hidden, weight.contiguous(),
+                                                   None if bias is None else bias.contiguous(), rows_labels,
+                                                   float(logit_scale), softcap or None, float(temperature),
+                                                   return_entropy, return_log_sum_p2, chunk_size)
         if not all_valid:
             outputs = tuple(o if o.numel() == 0 else
                             o.new_zeros(flat_labels.shape).index_copy(0, rows, o) for o in outputs)

@@ -232,3 +232,22 @@ def test_backend_selection_errors_and_context(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with prefopt.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])
+def test_linear_logprobs_under_autocast_runs_in_the_autocast_dtype(backend):
+    """Like nn.Linear under autocast: fp32 inputs run as bf16, forward and backward on the same tiles."""
+    hidden = torch.randn(9, 32, requires_grad=True)
+    weight = (torch.randn(300, 32) / 4).requires_grad_()
+    labels = _labels((9,), 300)
+    with prefopt.use_backend(backend):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = prefopt.linear_logprobs(hidden, weight, labels)
+        got_grads = torch.autograd.grad(got.sum(), (hidden, weight))
+        h16, w16 = hidden.detach().bfloat16().requires_grad_(), weight.detach().bfloat16().requires_grad_()
+        want = prefopt.linear_logprobs(h16, w16, labels)
+        want_grads = torch.autograd.grad(want.sum(), (h16, w16))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for g, w, like in zip(got_grads, want_grads, (hidden, weight)):
+        assert g.dtype == like.dtype == torch.float32
+        torch.testing.assert_close(g, w.float(), atol=0, rtol=0)
