@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from prefopt._types import RowStats
+from prefopt.cpu.rowops_torch import transform_with_slope
 
 TILE_ELEMENTS = 1 << 23  # 8M fp32 = 32 MiB per tile
 TARGET_ROWS = 1024       # rows per tile when V is large (vocabulary blocks shrink instead)
@@ -56,11 +57,9 @@ def _local_labels(labels, v_start, v_stop):
 
 
 def _slope(raw, logit_scale, softcap, temperature):
-    """dz/draw at the given raw logits."""
-    slope = logit_scale / temperature
-    if softcap:
-        return (1.0 - torch.tanh(raw * (logit_scale / softcap)) ** 2) * slope
-    return torch.full_like(raw, slope)
+    """dz/draw at the given raw logits (the torch row ops hold the transform and its derivative)."""
+    _, slope = transform_with_slope(raw.clone(), logit_scale, softcap, temperature)
+    return slope if isinstance(slope, torch.Tensor) else torch.full_like(raw, slope)
 
 
 class ChunkedHead:

@@ -24,8 +24,8 @@ def _slices(n_rows: int, vocab: int):
         yield start, min(n_rows, start + step)
 
 
-def _transform(raw, logit_scale, softcap, temperature):
-    """Return z and dz/draw (a float, or a tensor when soft-capped). `raw` is an owned acc-dtype tile."""
+def transform_with_slope(raw, logit_scale, softcap, temperature):
+    """Return z and dz/draw (a float, or a tensor when soft-capped). `raw` is an owned acc-dtype tile (modified)."""
     z = raw
     if logit_scale != 1.0:
         z = z.mul_(logit_scale)
@@ -55,7 +55,7 @@ def row_forward(logits, labels, ignore_index, logit_scale, softcap, temperature,
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
     for start, stop in _slices(n_rows, vocab):
-        z, _ = _transform(_owned_tile(logits, start, stop, acc), logit_scale, softcap, temperature)
+        z, _ = transform_with_slope(_owned_tile(logits, start, stop, acc), logit_scale, softcap, temperature)
         row_lse = torch.logsumexp(z, dim=1)
         lse[start:stop] = row_lse
         target = z.gather(1, safe_labels[start:stop, None]).squeeze(1)
@@ -80,7 +80,8 @@ def row_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_i
     for start, stop in _slices(n_rows, vocab):
         tile = logits[start:stop]
         in_place = out.data_ptr() == logits.data_ptr() and tile.dtype == acc
-        z, slope = _transform(tile if in_place else tile.to(acc, copy=True), logit_scale, softcap, temperature)
+        owned = tile if in_place else tile.to(acc, copy=True)
+        z, slope = transform_with_slope(owned, logit_scale, softcap, temperature)
         g_rows = g_logp[start:stop, None]
         if grad_entropy is not None:
             # dH/dz = -p (z - E_p[z]) with E_p[z] = lse - H, fused into one pass over the tile.
