@@ -145,8 +145,12 @@ def test_gradient_accumulation_matches_big_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_matches_one_process(tmp_path):
-    """torchrun --nproc_per_node=2 (gloo, CPU) == one process with the same global batch."""
+@pytest.mark.parametrize("per_rank", [["--per_device_train_batch_size", "2"],
+                                      ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2"]],
+                         ids=["batch2", "batch1x2-accumulated"])
+def test_two_process_gloo_matches_one_process(tmp_path, per_rank):
+    """torchrun --nproc_per_node=2 (gloo, CPU, DistributedDataParallel; with gradient accumulation: no_sync on
+    the first micro-batch) == one process with the same global batch."""
     common = ["--max_steps", "3", "--logging_steps", "1", "--disable_tqdm", "--save_steps", "0",
               "--model_config", '{"hidden_size": 32}', "--warmup_ratio", "0"]
     _run(tmp_path / "one", max_steps=3, save_steps=0, per_device_train_batch_size=4)
@@ -158,7 +162,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={port}", "-m", "prefopt", "train",
-           "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two"), *common]
+           *per_rank, "--output_dir", str(tmp_path / "two"), *common]
     proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "world 2" in proc.stdout

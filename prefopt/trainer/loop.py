@@ -9,8 +9,9 @@ s' = s mod steps_per_epoch; an incomplete last batch is dropped). Micro-batch k 
 contiguous slice of it, so a run's losses depend on the global batch only (not on the process count),
 and the data position after step s is s itself (what --resume restores).
 
-Multi-process (torchrun / WORLD_SIZE > 1): gloo on CPU, nccl on CUDA. Gradients are averaged across ranks
-with one all-reduce per optimizer step (what DDP does), metrics are averaged across ranks.
+Multi-process (torchrun / WORLD_SIZE > 1): gloo on CPU, nccl on CUDA. The policy runs inside
+DistributedDataParallel (gradients averaged across ranks on the last micro-batch of a step, no_sync before it);
+metrics are averaged across ranks.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import time
 import torch
 
 import prefopt
+from prefopt.weights import ld_dpo_token_weights
 from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer.config import PrefoptInputError, TrainConfig, as_jsonable, resume_mismatch
 from prefopt.trainer.data import (DEFAULT_DATASET, DEFAULT_TOKENIZER, IGNORE_INDEX, collate, epoch_order,
@@ -164,6 +166,17 @@ class Trainer:
         if not params:
             raise PrefoptInputError("the model has no trainable parameters")
         self.params = params
+        # The policy's hidden states: through DistributedDataParallel when several processes train, so DDP
+        # averages the gradients (bucketed, overlapped with the backward); the output head's weight is a
+        # parameter of the wrapped module, so its gradient from the fused head is averaged too.
+        self.ddp = None
+        self.policy_hidden = self.adapter.hidden_states
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [self.device.index if self.device.index is not None else 0] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(_PolicyHiddenStates(self.adapter), device_ids=ids,
+                                               broadcast_buffers=False)
+            self.policy_hidden = self.ddp
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                            eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
         total, warm = self.total_steps, self.warmup
@@ -212,13 +225,13 @@ class Trainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _sequence_logps(self, adapter, batch):
+    def _sequence_logps(self, adapter, batch, hidden_states=None):
         """Per-sequence completion log-prob sums [S] (LD-DPO weighted if ld_alpha) and token counts [S].
 
         Used for the reference (and KTO); the paired policy pass is one fused_linear_preference_loss call."""
         cfg = self.cfg
         with self._autocast():
-            hidden = adapter.hidden_states(batch)
+            hidden = (hidden_states or adapter.hidden_states)(batch)
         weight, bias = adapter.output_head()
         if hidden.dtype != weight.dtype:
             hidden = hidden.to(weight.dtype)
@@ -231,17 +244,10 @@ class Trainer:
         cu = batch.get("cu_seqlens")
         if cu is None:
             cu = torch.arange(labels.shape[0] + 1, device=flat.device, dtype=torch.long) * labels.shape[1]
-        seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=flat.device), cu.diff())
-        counts = torch.zeros(cu.numel() - 1, device=flat.device).index_add_(0, seg, mask.float())
+        counts = prefopt.sequence_logps(mask.float(), cu_seqlens=cu)
         weights = mask.float()
-        if cfg.ld_alpha is not None and not self.kto:
-            # LD-DPO: tokens past the pair's shared completion length count ld_alpha
-            n_pairs = counts.numel() // 2
-            shared = torch.minimum(counts[:n_pairs], counts[n_pairs:]).repeat(2)
-            csum = mask.float().cumsum(0)
-            start = torch.cat([csum.new_zeros(1), csum])[cu[:-1]]
-            rank_in_seq = csum - start[seg]
-            weights = torch.where(rank_in_seq <= shared[seg], weights, weights * cfg.ld_alpha)
+        if cfg.ld_alpha is not None and not self.kto:  # LD-DPO: the same token weights as the fused loss
+            weights = ld_dpo_token_weights(weights, (cu.numel() - 1) // 2, cfg.ld_alpha, cu)
         seq = prefopt.sequence_logps(flat, weights, cu_seqlens=cu)
         return seq, counts
 
@@ -311,7 +317,7 @@ class Trainer:
             ref = torch.zeros(n_seq, device=self.device)
         stats = {}
         if self.kto:
-            seq, _ = self._sequence_logps(self.adapter, batch)
+            seq, _ = self._sequence_logps(self.adapter, batch, self.policy_hidden)
             with torch.no_grad():
                 kl_pol, _ = self._sequence_logps(self.adapter, self._batch(None, self._kl_examples(indices)))
             if kl_ref is None:
@@ -332,7 +338,7 @@ class Trainer:
         # paired: one fused call from the hidden states (policy head, sequence sums, loss; no logits)
         P = len(indices)
         with self._autocast():
-            hidden = self.adapter.hidden_states(batch)
+            hidden = self.policy_hidden(batch)
         weight, bias = self.adapter.output_head()
         if hidden.dtype != weight.dtype:
             hidden = hidden.to(weight.dtype)
@@ -451,14 +457,17 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             sums = {}
             loss_sum = 0.0
-            for indices in self._indices(step):
-                loss, stats = self._micro_loss(indices)
-                (loss / cfg.gradient_accumulation_steps).backward()
+            micro_batches = list(self._indices(step))
+            for k_micro, indices in enumerate(micro_batches):
+                # DDP all-reduces the gradients on the last micro-batch of the step only
+                last = k_micro == len(micro_batches) - 1
+                with (self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()):
+                    loss, stats = self._micro_loss(indices)
+                    (loss / cfg.gradient_accumulation_steps).backward()
                 loss_sum += float(loss.detach())
                 for k, (s, c) in stats.items():
                     a, b = sums.get(k, (0.0, 0.0))
                     sums[k] = (a + s, b + c)
-            self._sync_grads()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0
                                                        else float("inf"))
             self.optimizer.step()
@@ -495,19 +504,6 @@ class Trainer:
             print(_summary_text(summary), flush=True)
         return summary
 
-    def _sync_grads(self):
-        if self.world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        self.dist.all_reduce_(flat)
-        flat /= self.world
-        offset = 0
-        for p, g in zip(self.params, grads):
-            n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-            offset += n
-
     def _reduce_metrics(self, step, loss, sums, grad_norm, lr):
         keys = sorted(sums)
         vec = torch.tensor([loss] + [v for k in keys for v in sums[k]], dtype=torch.float64)
@@ -524,6 +520,18 @@ class Trainer:
         record["grad_norm"] = grad_norm
         record["learning_rate"] = lr
         return record
+
+
+class _PolicyHiddenStates(torch.nn.Module):
+    """The policy's forward to its final hidden states, as a module DistributedDataParallel can wrap."""
+
+    def __init__(self, adapter):
+        super().__init__()
+        self.adapter = adapter
+        self.body = adapter.module
+
+    def forward(self, batch):
+        return self.adapter.hidden_states(batch)
 
 
 def seed_everything(seed):
