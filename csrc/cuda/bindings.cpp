@@ -153,26 +153,41 @@ std::vector<std::string> pair_loss_names() { return PREFOPT_PAIR_LOSS_NAMES; }
 
 at::ScalarType pair_type(const at::Tensor& a) { return a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-at::Tensor pair_loss_forward(int64_t loss_id, const at::Tensor& a_in, const std::optional<at::Tensor>& b_in,
-                             const at::Tensor& params_in) {
+// The validated, contiguous arguments of one pair-loss call (forward and backward share the checks).
+struct PairArgs {
+  at::Tensor a, b, params;
+  bool has_b;
+};
+
+PairArgs pair_args(int64_t loss_id, const at::Tensor& a_in, const std::optional<at::Tensor>& b_in,
+                   const at::Tensor& params_in) {
   TORCH_CHECK(loss_id >= 0 && loss_id < prefopt::pairloss::kNumLosses &&
                   prefopt::pairloss::n_args(static_cast<int>(loss_id)) > 0,
               "prefopt._C_cuda: pair loss id ", loss_id, " has no per-pair term");
   TORCH_CHECK(a_in.is_cuda() && a_in.dim() == 1, "prefopt._C_cuda: pair-loss arguments must be 1-D CUDA tensors");
-  const c10::cuda::CUDAGuard guard(a_in.device());
+  PairArgs args;
   const auto dt = pair_type(a_in);
-  const at::Tensor a = a_in.to(dt).contiguous();
-  const bool has_b = b_in.has_value() && b_in->defined();
-  TORCH_CHECK(has_b == (prefopt::pairloss::n_args(static_cast<int>(loss_id)) == 2),
+  args.a = a_in.to(dt).contiguous();
+  args.has_b = b_in.has_value() && b_in->defined();
+  TORCH_CHECK(args.has_b == (prefopt::pairloss::n_args(static_cast<int>(loss_id)) == 2),
               "prefopt._C_cuda: wrong number of pair-loss arguments for id ", loss_id);
-  const at::Tensor b = has_b ? b_in->to(dt).contiguous() : at::Tensor();
-  TORCH_CHECK(!has_b || b.numel() == a.numel(), "prefopt._C_cuda: pair-loss arguments must have equal size");
+  args.b = args.has_b ? b_in->to(dt).contiguous() : at::Tensor();
+  TORCH_CHECK(!args.has_b || args.b.numel() == args.a.numel(),
+              "prefopt._C_cuda: pair-loss arguments must have equal size");
   TORCH_CHECK(params_in.dim() == 1 && params_in.numel() >= 9, "prefopt._C_cuda: params must hold >= 9 values");
-  const at::Tensor params = params_in.to(a.device(), dt).contiguous();
-  at::Tensor out = at::empty_like(a);
-  check_cuda(prefopt::cuda::launch_pair_loss_forward(dtype_of(a), static_cast<int>(loss_id), a.data_ptr(),
-                                                     has_b ? b.data_ptr() : nullptr, params.data_ptr(), a.numel(),
-                                                     out.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+  args.params = params_in.to(args.a.device(), dt).contiguous();
+  return args;
+}
+
+at::Tensor pair_loss_forward(int64_t loss_id, const at::Tensor& a_in, const std::optional<at::Tensor>& b_in,
+                             const at::Tensor& params_in) {
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  const PairArgs args = pair_args(loss_id, a_in, b_in, params_in);
+  at::Tensor out = at::empty_like(args.a);
+  check_cuda(prefopt::cuda::launch_pair_loss_forward(dtype_of(args.a), static_cast<int>(loss_id), args.a.data_ptr(),
+                                                     args.has_b ? args.b.data_ptr() : nullptr,
+                                                     args.params.data_ptr(), args.a.numel(), out.data_ptr(),
+                                                     c10::cuda::getCurrentCUDAStream().stream()),
              "pair_loss_forward");
   return out;
 }
@@ -181,25 +196,17 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward(int64_t loss_id, const at:
                                                       const std::optional<at::Tensor>& b_in,
                                                       const at::Tensor& params_in,
                                                       const std::optional<at::Tensor>& grad_out) {
-  TORCH_CHECK(loss_id >= 0 && loss_id < prefopt::pairloss::kNumLosses &&
-                  prefopt::pairloss::n_args(static_cast<int>(loss_id)) > 0,
-              "prefopt._C_cuda: pair loss id ", loss_id, " has no per-pair term");
-  TORCH_CHECK(a_in.is_cuda() && a_in.dim() == 1, "prefopt._C_cuda: pair-loss arguments must be 1-D CUDA tensors");
   const c10::cuda::CUDAGuard guard(a_in.device());
-  const auto dt = pair_type(a_in);
-  const at::Tensor a = a_in.to(dt).contiguous();
-  const bool has_b = b_in.has_value() && b_in->defined();
-  TORCH_CHECK(has_b == (prefopt::pairloss::n_args(static_cast<int>(loss_id)) == 2),
-              "prefopt._C_cuda: wrong number of pair-loss arguments for id ", loss_id);
-  const at::Tensor b = has_b ? b_in->to(dt).contiguous() : at::Tensor();
-  const at::Tensor params = params_in.to(a.device(), dt).contiguous();
+  const PairArgs args = pair_args(loss_id, a_in, b_in, params_in);
+  const at::Tensor& a = args.a;
   const bool has_g = grad_out.has_value() && grad_out->defined();
-  const at::Tensor g = has_g ? grad_out->to(dt).contiguous() : at::Tensor();
+  const at::Tensor g = has_g ? grad_out->to(a.scalar_type()).contiguous() : at::Tensor();
+  TORCH_CHECK(!has_g || g.numel() == a.numel(), "prefopt._C_cuda: grad_out must have the size of the arguments");
   const bool two = prefopt::pairloss::n_grads(static_cast<int>(loss_id)) == 2;
   at::Tensor da = at::empty_like(a), db = at::empty({two ? a.numel() : 0}, a.options());
   check_cuda(prefopt::cuda::launch_pair_loss_backward(
-                 dtype_of(a), static_cast<int>(loss_id), a.data_ptr(), has_b ? b.data_ptr() : nullptr,
-                 params.data_ptr(), has_g ? g.data_ptr() : nullptr, a.numel(), da.data_ptr(),
+                 dtype_of(a), static_cast<int>(loss_id), a.data_ptr(), args.has_b ? args.b.data_ptr() : nullptr,
+                 args.params.data_ptr(), has_g ? g.data_ptr() : nullptr, a.numel(), da.data_ptr(),
                  two ? db.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream().stream()),
              "pair_loss_backward");
   return {da, db};
