@@ -110,6 +110,7 @@ class Impl:
     name: str
     ops: tuple
     backend: str | None = None     # prefopt backend, run under prefopt.use_backend
+    logits_cache_mb: float | None = None  # prefopt head: None = the package default
     timing_only: bool = False      # gemm-limit: no memory / agreement figures
 
 
@@ -135,6 +136,10 @@ def implementations(op, device_type="cpu", quick=False):
     impls = [(Impl("eager", ("logits", "linear", "dpo")), True, "")]
     for backend, ok, why in _prefopt_backends(device_type):
         impls.append((Impl(f"prefopt[{backend}]", ("logits", "linear", "dpo"), backend=backend), ok, why))
+        if backend == "cpp" and device_type == "cpu" and op in ("linear", "dpo"):
+            # the CPU default keeps up to 256 MiB of logits tiles; this row shows the pure-recompute head
+            impls.append((Impl("prefopt[cpp] no-cache", ("linear", "dpo"), backend=backend, logits_cache_mb=0),
+                          ok, why))
     if op == "dpo":
         try:
             import prefopt
@@ -214,7 +219,7 @@ def build_step(impl: Impl, case: Case, inp: dict):
     if impl.name == "eager":
         return _eager(case, inp)
     if impl.backend is not None:
-        return _prefopt(case, inp, impl.backend)
+        return _prefopt(case, inp, impl.backend, impl.logits_cache_mb)
     if impl.name == "trl":
         return _trl(case, inp)
     if impl.name == "liger":
@@ -252,7 +257,7 @@ def _eager(case, inp):
     return step
 
 
-def _prefopt(case, inp, backend):
+def _prefopt(case, inp, backend, logits_cache_mb=None):
     import prefopt
     labels = inp["labels"]
     if case.op == "logits":
@@ -263,7 +268,7 @@ def _prefopt(case, inp, backend):
             return loss, logp.detach()
     elif case.op == "linear":
         def run():
-            logp = prefopt.linear_logprobs(inp["hidden"], inp["weight"], labels)
+            logp = prefopt.linear_logprobs(inp["hidden"], inp["weight"], labels, logits_cache_mb=logits_cache_mb)
             loss = (logp * inp["gvec"]).sum() / labels.numel()
             loss.backward()
             return loss, logp.detach()
@@ -274,7 +279,8 @@ def _prefopt(case, inp, backend):
 
         def run():
             loss, _metrics = fused(inp["hidden"], inp["weight"], labels, ref_hidden=inp["ref_hidden"],
-                                   ref_weight=inp["ref_weight"], loss_type="sigmoid", beta=BETA)
+                                   ref_weight=inp["ref_weight"], loss_type="sigmoid", beta=BETA,
+                                   logits_cache_mb=logits_cache_mb)
             loss.backward()
             return loss, None
 

@@ -287,6 +287,7 @@ def run_one(case, impl, *, device="cpu", repeats=3, timeout=600, threads=None, c
         return {"ok": False, "skipped": True,
                 "error": f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"}
     spec = {"case": case.to_dict(), "impl": {"name": impl.name, "ops": list(impl.ops), "backend": impl.backend,
+                                              "logits_cache_mb": impl.logits_cache_mb,
                                               "timing_only": impl.timing_only},
             "device": device, "repeats": repeats, "threads": threads, "check_path": check_path, "entropy": entropy,
             "warmup": warmup, "malloc": malloc}

@@ -56,7 +56,8 @@ def check_logprobs_inputs(logits, labels, ignore_index, temperature, softcap, lo
     check_labels(labels, logits.shape[-1], ignore_index)
 
 
-def check_linear_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size):
+def check_linear_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size,
+                        logits_cache_mb=None):
     check_tensor("hidden", hidden, floating=True, ndim_min=1)
     check_tensor("weight", weight, floating=True)
     check_tensor("labels", labels, integer=True)
@@ -80,8 +81,18 @@ def check_linear_inputs(hidden, weight, labels, bias, ignore_index, temperature,
                          f"dimension {tuple(hidden.shape[:-1])}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    check_cache_budget(logits_cache_mb)
     check_transform(temperature, softcap, logit_scale)
     check_labels(labels, weight.shape[0], ignore_index)
+
+
+def check_cache_budget(logits_cache_mb):
+    """None (use $PREFOPT_LOGITS_CACHE_MB) or MiB >= 0; the environment value is checked here too."""
+    if logits_cache_mb is not None and (isinstance(logits_cache_mb, bool)
+                                        or not isinstance(logits_cache_mb, (int, float))):
+        raise TypeError(f"logits_cache_mb must be None or a number of MiB, got {logits_cache_mb!r}")
+    from prefopt.cpu.chunked import cache_budget_bytes
+    cache_budget_bytes(logits_cache_mb)
 
 
 def check_cu_seqlens(cu_seqlens, n_tokens, device):

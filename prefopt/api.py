@@ -58,7 +58,8 @@ def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, 
 
 
 def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, temperature=1.0, softcap=None,
-                    logit_scale=1.0, chunk_size=None, return_entropy=False, return_log_sum_p2=False):
+                    logit_scale=1.0, chunk_size=None, logits_cache_mb=None, return_entropy=False,
+                    return_log_sum_p2=False):
     """Fused `log_softmax(transform(hidden @ weight.T + bias)).gather(labels)` without the logits.
 
     hidden [..., H], weight [V, H], bias [V] | None, labels [...] (same leading shape as hidden).
@@ -66,10 +67,13 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, tem
     Positions with `ignore_index` get log-prob 0 (and entropy 0) and cost no GEMM work.
     Gradients flow to hidden, weight and bias. Peak extra memory is O(tile + tokens), independent of V.
     `chunk_size` sets the token rows per tile of the CPU backends (default: sized so a tile is ~32 MiB).
+    `logits_cache_mb` (CPU backends; default $PREFOPT_LOGITS_CACHE_MB, else 0) lets the forward keep up to that
+    many MiB of logits tiles so the backward skips their recompute GEMM: faster, peak memory + at most the budget.
+    Results are identical with any budget.
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     check.check_linear_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale,
-                              chunk_size)
+                              chunk_size, logits_cache_mb)
     n_features = hidden.shape[-1]
     flat_hidden = hidden.reshape(-1, n_features)
     flat_labels = labels.reshape(-1).long()
@@ -92,11 +96,13 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, tem
         empty = zeros.new_empty(0)
         outputs = (connected, zeros if return_entropy else empty, zeros if return_log_sum_p2 else empty)
     else:
+        # Without grad mode no backward will come, so keeping tiles would only raise the peak.
+        cache_mb = logits_cache_mb if torch.is_grad_enabled() else 0
         with torch.autocast(hidden.device.type, enabled=False):  # the backward must recompute the same tiles
             outputs = LinearLogprobsFunction.apply(rows_hidden, weight.contiguous(),
                                                    None if bias is None else bias.contiguous(), rows_labels,
                                                    float(logit_scale), softcap or None, float(temperature),
-                                                   return_entropy, return_log_sum_p2, chunk_size)
+                                                   return_entropy, return_log_sum_p2, chunk_size, cache_mb)
         if not all_valid:
             outputs = tuple(o if o.numel() == 0 else
                             o.new_zeros(flat_labels.shape).index_copy(0, rows, o) for o in outputs)

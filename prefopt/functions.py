@@ -80,11 +80,15 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, logit_scale, softcap, temperature, want_entropy, want_sqsum,
-                chunk_size):
+                chunk_size, logits_cache_mb):
         impl = head_impl(hidden.device)
+        make_cache = getattr(impl, "tile_cache", None)  # only heads that hold logits tiles can keep some
+        tile_cache = make_cache(logits_cache_mb, hidden.device.type) if make_cache and any(ctx.needs_input_grad[:3]) else None
+        kwargs = {} if tile_cache is None else {"tile_cache": tile_cache}
         stats = impl.linear_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature, want_entropy,
-                                    want_sqsum, chunk_size)
+                                    want_sqsum, chunk_size, **kwargs)
         ctx.impl = impl
+        ctx.backward_kwargs = kwargs
         ctx.params = (logit_scale, softcap, temperature, chunk_size)
         ctx.save_for_backward(hidden, weight, bias, labels, stats.lse, stats.entropy)
         ctx.set_materialize_grads(False)
@@ -97,15 +101,17 @@ class LinearLogprobsFunction(torch.autograd.Function):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if not any(needs) or (grad_logp is None and grad_entropy is None):
-            return (None,) * 10
+            ctx.backward_kwargs = {}  # drop any kept tiles with the graph's other buffers
+            return (None,) * 11
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         grad_entropy = _none_if_empty(grad_entropy)
         logit_scale, softcap, temperature, chunk_size = ctx.params
         grads = ctx.impl.linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp.contiguous(),
                                          None if grad_entropy is None else grad_entropy.contiguous(),
-                                         logit_scale, softcap, temperature, chunk_size, needs)
-        return tuple(grads) + (None,) * 7
+                                         logit_scale, softcap, temperature, chunk_size, needs,
+                                         **ctx.backward_kwargs)
+        return tuple(grads) + (None,) * 8
 
 
 class SegmentSumFunction(torch.autograd.Function):

@@ -71,7 +71,7 @@ def _check_reference(ref_hidden, ref_weight, ref_chosen_logps, ref_rejected_logp
 def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None,
                                  ref_bias=None, ref_chosen_logps=None, ref_rejected_logps=None, cu_seqlens=None,
                                  ignore_index=-100, temperature=1.0, softcap=None, logit_scale=1.0, chunk_size=None,
-                                 loss_type="sigmoid", beta=0.1, ld_alpha=None, use_weighting=False,
+                                 logits_cache_mb=None, loss_type="sigmoid", beta=0.1, ld_alpha=None, use_weighting=False,
                                  rpo_alpha=None, **loss_options):
     """DPO-family loss from the final hidden states, with the policy (and optional live reference) head fused.
 
@@ -81,6 +81,8 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
     or precomputed per-sequence sums (`ref_chosen_logps`, `ref_rejected_logps`, shape [P]); none for the
     reference-free losses. `ld_alpha` (LD-DPO), `use_weighting` (WPO) and `rpo_alpha` (RPO) come from the
     same fused pass; every other keyword goes to `prefopt.preference_loss` (TRL DPOConfig names).
+    `logits_cache_mb` is the policy head's logits-tile budget (see `linear_logprobs`); the reference head runs
+    without gradient and keeps nothing.
     Returns (loss, metrics) as `preference_loss` does.
     """
     hidden, labels, ref_hidden, n_pairs = _check_layout(hidden, labels, cu_seqlens, ref_hidden)
@@ -89,8 +91,9 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
         raise ValueError(f"ld_alpha must be in [0, 1], got {ld_alpha}")
     head = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
                 chunk_size=chunk_size)
+    policy_head = dict(head, logits_cache_mb=logits_cache_mb)
 
-    outputs = linear_logprobs(hidden, weight, labels, bias, return_log_sum_p2=use_weighting, **head)
+    outputs = linear_logprobs(hidden, weight, labels, bias, return_log_sum_p2=use_weighting, **policy_head)
     token_logps, log_sum_p2 = outputs if use_weighting else (outputs, None)
     mask = (labels != ignore_index).to(token_logps.dtype)
     weights = mask if ld_alpha is None else ld_dpo_token_weights(mask, n_pairs, ld_alpha, cu_seqlens)

@@ -14,10 +14,11 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
     """
 
     def __init__(self, loss_type="sigmoid", beta=0.1, *, ignore_index=-100, temperature=1.0, softcap=None,
-                 logit_scale=1.0, chunk_size=None, **loss_options):
+                 logit_scale=1.0, chunk_size=None, logits_cache_mb=None, **loss_options):
         super().__init__()
         self.options = dict(loss_type=loss_type, beta=beta, ignore_index=ignore_index, temperature=temperature,
-                            softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size, **loss_options)
+                            softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size,
+                            logits_cache_mb=logits_cache_mb, **loss_options)
 
     def forward(self, weight, hidden, labels, bias=None, *, ref_hidden=None, ref_weight=None, ref_bias=None,
                 ref_chosen_logps=None, ref_rejected_logps=None, cu_seqlens=None):

@@ -6,8 +6,14 @@ log-sum-exp rule. The backward recomputes each tile, turns it into the logits gr
 GEMMs. A tile holds about TILE_ELEMENTS values whatever V is, so peak extra memory does not grow with V; tiling
 the vocabulary too (not only the tokens) keeps the row count of a tile high at V = 128k-256k, so the weight
 gradient is swept a few times instead of once per handful of tokens.
+
+Recomputing every tile costs one logits GEMM more than an eager step that stores its logits. A `TileCache` with a
+fixed byte budget keeps the first tiles of the forward (exact copies, so results do not change) for the backward to
+use instead of recomputing them: the peak extra memory then grows by at most the budget, whatever V and N are.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -20,6 +26,54 @@ TARGET_ROWS = 1024       # rows per tile when V is large (vocabulary blocks shri
 # Labels are clamped into each vocabulary block and this ignore_index (never a real label) keeps every row live
 # in the row ops; the onehot term of rows whose label lies in another block is then taken back out.
 _NO_IGNORE = -(1 << 62)
+
+
+CACHE_ENV = "PREFOPT_LOGITS_CACHE_MB"
+# Default budget on CPU: 8 tiles. RAM is rarely what limits a CPU run, the recompute GEMM is (about a fifth of a DPO
+# step at H=1024, V=32k). Elsewhere (the cpp backend's CUDA path) memory is the point: nothing is kept unless asked.
+DEFAULT_CPU_CACHE_MB = 256
+
+
+def cache_budget_bytes(cache_mb=None, device_type="cpu") -> int:
+    """Bytes of forward tiles the backward may reuse: `cache_mb`, else $PREFOPT_LOGITS_CACHE_MB, else the default
+    (DEFAULT_CPU_CACHE_MB on CPU, 0 on other devices)."""
+    if cache_mb is None:
+        text = os.environ.get(CACHE_ENV, "").strip()
+        if not text:
+            return (DEFAULT_CPU_CACHE_MB << 20) if device_type == "cpu" else 0
+        try:
+            cache_mb = float(text)
+        except ValueError:
+            raise ValueError(f"{CACHE_ENV} must be a number of MiB (0 disables the cache), got {text!r}") from None
+    if not 0 <= cache_mb < float("inf"):
+        raise ValueError(f"the logits cache budget must be a finite number of MiB >= 0, got {cache_mb!r}")
+    return int(cache_mb * (1 << 20))
+
+
+class TileCache:
+    """Forward tiles kept for the backward, keyed by (first row, first column), up to a byte budget.
+
+    The backward takes each tile out as it uses it (it turns the tile into its gradient in place), so a second
+    backward through the same graph recomputes instead of reading a consumed tile."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self.tiles = {}
+
+    def offer(self, key, tile) -> bool:
+        size = tile.numel() * tile.element_size()
+        if self.used_bytes + size > self.budget_bytes:
+            return False
+        self.tiles[key] = tile
+        self.used_bytes += size
+        return True
+
+    def take(self, key):
+        tile = self.tiles.pop(key, None)
+        if tile is not None:
+            self.used_bytes -= tile.numel() * tile.element_size()
+        return tile
 
 
 def tile_shape(n_rows: int, vocab: int, chunk_size: int | None):
@@ -68,8 +122,14 @@ class ChunkedHead:
     def __init__(self, rowops):
         self.rowops = rowops
 
+    @staticmethod
+    def tile_cache(cache_mb=None, device_type="cpu"):
+        """A TileCache for one forward/backward, or None when the budget is 0."""
+        budget = cache_budget_bytes(cache_mb, device_type)
+        return TileCache(budget) if budget > 0 else None
+
     def linear_forward(self, hidden, weight, bias, labels, logit_scale, softcap, temperature, want_entropy,
-                       want_sqsum, chunk_size=None):
+                       want_sqsum, chunk_size=None, tile_cache=None):
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         rows_step, vocab_step = tile_shape(n_rows, vocab, chunk_size)
         acc = _acc(hidden.dtype)
@@ -85,6 +145,8 @@ class ChunkedHead:
                 raw = _tile(h_rows, weight[v0:v1], None if bias is None else bias[v0:v1])
                 stats = self.rowops.row_forward(raw, local, _NO_IGNORE, logit_scale, softcap, temperature,
                                                 want_entropy, want_sqsum)
+                if tile_cache is not None:
+                    tile_cache.offer((r0, v0), raw)
                 del raw
                 if v0 == 0 and v1 == vocab:  # one block: the row ops' statistics are final
                     run_lse, target_logp = stats.lse, stats.logp
@@ -115,7 +177,7 @@ class ChunkedHead:
         return RowStats(logp, lse, entropy, log_sum_p2)
 
     def linear_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, logit_scale,
-                        softcap, temperature, chunk_size=None, needs_input_grad=(True, True, True)):
+                        softcap, temperature, chunk_size=None, needs_input_grad=(True, True, True), tile_cache=None):
         need_h, need_w, need_b = needs_input_grad
         need_b = need_b and bias is not None
         n_rows, vocab = hidden.shape[0], weight.shape[0]
@@ -134,7 +196,9 @@ class ChunkedHead:
             for v0, v1 in _blocks(vocab, vocab_step):
                 cols = slice(v0, v1)
                 local, in_block = _local_labels(labels[rows], v0, v1)
-                tile = _tile(h_rows, weight[cols], None if bias is None else bias[cols])
+                tile = None if tile_cache is None else tile_cache.take((r0, v0))
+                if tile is None:
+                    tile = _tile(h_rows, weight[cols], None if bias is None else bias[cols])
                 foreign = None if single_block else (~in_block).nonzero().squeeze(1)
                 if foreign is not None and foreign.numel():
                     raw_at_label = tile[foreign, local[foreign]]  # read before the in-place backward
