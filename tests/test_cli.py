@@ -105,10 +105,12 @@ def test_plot_writes_png(tmp_path, capsys):
     assert "no metrics.jsonl" in capsys.readouterr().err
 
 
-def test_info_and_help(capsys):
+def test_info_and_help(capsys, monkeypatch):
+    monkeypatch.setenv("PREFOPT_LOGITS_CACHE_MB", "64")
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "prefopt" in out and "requested" in out
+    assert "logits cache   64 MiB per head call on CPU, 64 MiB on CUDA" in out
     assert cli.main([]) == 0 and "prefopt train" in capsys.readouterr().out
     assert cli.main(["nope"]) == 2 and "unknown command" in capsys.readouterr().err
 
