@@ -65,7 +65,8 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, tem
     hidden [..., H], weight [V, H], bias [V] | None, labels [...] (same leading shape as hidden).
     Label i is the token predicted from hidden i (shift labels yourself, as HF's loss does).
     Positions with `ignore_index` get log-prob 0 (and entropy 0) and cost no GEMM work.
-    Gradients flow to hidden, weight and bias. Peak extra memory is O(tile + tokens), independent of V.
+    Gradients flow to hidden, weight and bias. Peak extra memory is O(tile + tokens) plus the fixed logits
+    cache budget (CPU), independent of V.
     `chunk_size` sets the token rows per tile of the CPU backends (default: sized so a tile is ~32 MiB).
     `logits_cache_mb` (CPU backends; default $PREFOPT_LOGITS_CACHE_MB, else 0) lets the forward keep up to that
     many MiB of logits tiles so the backward skips their recompute GEMM: faster, peak memory + at most the budget.
