@@ -68,9 +68,9 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, tem
     Gradients flow to hidden, weight and bias. Peak extra memory is O(tile + tokens) plus the fixed logits
     cache budget (CPU), independent of V.
     `chunk_size` sets the token rows per tile of the CPU backends (default: sized so a tile is ~32 MiB).
-    `logits_cache_mb` (CPU backends; default $PREFOPT_LOGITS_CACHE_MB, else 0) lets the forward keep up to that
-    many MiB of logits tiles so the backward skips their recompute GEMM: faster, peak memory + at most the budget.
-    Results are identical with any budget.
+    `logits_cache_mb` (CPU backends) lets the forward keep up to that many MiB of logits tiles so the backward
+    skips their recompute GEMM: faster, peak memory + at most the budget; results are identical with any budget.
+    Default: $PREFOPT_LOGITS_CACHE_MB, else 256 MiB for CPU tensors and 0 for CUDA ones; 0 turns it off.
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     check.check_linear_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale,

@@ -83,7 +83,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
                 chunk_size, logits_cache_mb):
         impl = head_impl(hidden.device)
         make_cache = getattr(impl, "tile_cache", None)  # only heads that hold logits tiles can keep some
-        tile_cache = make_cache(logits_cache_mb, hidden.device.type) if make_cache and any(ctx.needs_input_grad[:3]) else None
+        wants_grad = any(ctx.needs_input_grad[:3])
+        tile_cache = make_cache(logits_cache_mb, hidden.device.type) if make_cache and wants_grad else None
         kwargs = {} if tile_cache is None else {"tile_cache": tile_cache}
         stats = impl.linear_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature, want_entropy,
                                     want_sqsum, chunk_size, **kwargs)

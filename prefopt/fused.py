@@ -71,8 +71,8 @@ def _check_reference(ref_hidden, ref_weight, ref_chosen_logps, ref_rejected_logp
 def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None,
                                  ref_bias=None, ref_chosen_logps=None, ref_rejected_logps=None, cu_seqlens=None,
                                  ignore_index=-100, temperature=1.0, softcap=None, logit_scale=1.0, chunk_size=None,
-                                 logits_cache_mb=None, loss_type="sigmoid", beta=0.1, ld_alpha=None, use_weighting=False,
-                                 rpo_alpha=None, **loss_options):
+                                 logits_cache_mb=None, loss_type="sigmoid", beta=0.1, ld_alpha=None,
+                                 use_weighting=False, rpo_alpha=None, **loss_options):
     """DPO-family loss from the final hidden states, with the policy (and optional live reference) head fused.
 
     hidden [2P, T, H] / labels [2P, T] (label t is the token predicted from hidden t; prompt and padding

@@ -85,6 +85,7 @@ def test_kept_tiles_skip_their_recompute_gemm(small_tiles, backend):
     assert backward_gemms(0) == 3 * n_tiles
     assert backward_gemms(1024) == 2 * n_tiles
     assert backward_gemms(MIB_PER_TILE_FP64 * 4) == 3 * n_tiles - 4
+    assert backward_gemms(None) == 2 * n_tiles  # the CPU default (256 MiB) holds these small tiles
 
 
 def test_nothing_is_kept_without_grad_and_the_budget_bounds_what_is(small_tiles, monkeypatch):

@@ -177,7 +177,8 @@ class ChunkedHead:
         return RowStats(logp, lse, entropy, log_sum_p2)
 
     def linear_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, logit_scale,
-                        softcap, temperature, chunk_size=None, needs_input_grad=(True, True, True), tile_cache=None):
+                        softcap, temperature, chunk_size=None, needs_input_grad=(True, True, True),
+                        tile_cache=None):
         need_h, need_w, need_b = needs_input_grad
         need_b = need_b and bias is not None
         n_rows, vocab = hidden.shape[0], weight.shape[0]
