@@ -113,7 +113,11 @@ def _assert_same(ref_logs, logs, keys=COMPARED, rtol=1e-4, atol=1e-5):
             assert key in b, f"step {step}: metric {key} missing from the prefopt logs"
             assert math.isclose(a[key], b[key], rel_tol=rtol, abs_tol=atol), \
                 f"step {step}: {key} TRL {a[key]!r} vs prefopt {b[key]!r}"
-        assert a.get("rewards/accuracies") == b.get("rewards/accuracies")
+        # An accuracy is the sign of each pair's margin. While the policy still equals its reference (step 0)
+        # every margin is rounding noise (~1e-7) whose sign differs between implementations, so accuracies
+        # are compared only once the mean margin stands clear of that noise.
+        if abs(a.get("rewards/margins", 1.0)) > 1e-4:
+            assert a.get("rewards/accuracies") == b.get("rewards/accuracies")
         assert a.get("num_tokens") == b.get("num_tokens")
 
 
