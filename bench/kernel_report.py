@@ -1,18 +1,21 @@
-"""Ahead-of-time compile every Triton kernel of prefopt (no GPU needed) and report its resources.
+"""Ahead-of-time compile every Triton kernel of prefopt (no GPU needed) and report its resources and cost.
 
-For each module in ``kernels/`` (logprobs, linear_logprobs, sequence_sums, preference_loss) ``aot_configs()``
-lists every (kernel, signature, constexprs, num_warps) its launcher can pick (preference_loss: the kernels its
-generator emits for a loss-type-complete set of loss configurations, plus the backward; a module may also define
-``aot_label(fn, sig, cx)`` -> text for the config column and ``aot_quick()`` -> the indices ``--quick`` compiles). Each one is compiled with
-``triton.compile`` for sm_80 and sm_90 (GPUTarget), then the PTX goes through the same ``ptxas`` that
-triton uses for that arch (``ptxas`` < sm_90 <= ``ptxas-blackwell``) with ``-v`` to read registers,
-spill stores/loads; shared memory comes from the compiled metadata. Arguments are specialised as in a
-typical launch (16-byte aligned pointers, H / row strides multiples of 16: see ``_attrs``).
+What is compiled is what launches. For ``kernels.logprobs``, ``kernels.linear_logprobs`` and
+``kernels.sequence_sums`` the real launchers run on meta tensors at GPU shapes with ``JITFunction.run`` replaced
+by a recorder, and each recorded call is bound by Triton's own binder for the target (bench/aot_launches.py):
+the signature, constexprs, integers specialised to 1 and 16-divisibility attributes are the ones a launch on
+that GPU would compile, and identical specialisations are compiled once. ``kernels.preference_loss`` generates
+a kernel per loss configuration; its ``aot_configs()`` lists a loss-type-complete set of them (a module may also
+define ``aot_label(fn, sig, cx)`` -> text for the config column and ``aot_quick()`` -> the indices ``--quick``
+compiles). Each kernel is compiled with ``triton.compile`` for sm_80 and sm_90 (GPUTarget), then the PTX goes
+through the same ``ptxas`` that triton uses for that arch (``ptxas`` < sm_90 <= ``ptxas-blackwell``) with
+``-v`` to read registers and spill stores/loads; shared memory comes from the compiled metadata. Rows of the
+fused head also carry the cost model's FLOPs, bytes and roofline time (prefopt/cost_model.py).
 
     python bench/kernel_report.py                  # markdown table on stdout
     python bench/kernel_report.py --json out.json  # also dump the rows
     python bench/kernel_report.py --arch 90 --jobs 4
-    python bench/kernel_report.py --quick          # heaviest configuration per kernel and dtype only
+    python bench/kernel_report.py --quick          # heaviest launch per kernel and dtype only
     python bench/kernel_report.py --modules kernels.preference_loss --loss-variant fp64   # or: stress
 
 ``triton.compile`` does not work in a process where TRITON_INTERPRET=1 (then @triton.jit builds
@@ -31,6 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = ("kernels.logprobs", "kernels.linear_logprobs", "kernels.sequence_sums", "kernels.preference_loss")
+LAUNCHED = MODULES[:3]  # compiled from recorded launches; the loss kernels from their generated configs
 ARCH_NAMES = {80: "sm_80", 90: "sm_90a"}
 
 
@@ -79,11 +83,9 @@ def _config_str(sig, cx, label=None):
 
 
 def _attrs(fn, sig):
-    """The specialisation of a typical launch: every pointer 16-byte aligned (torch allocations are)
-    and the hidden size / row strides multiples of 16 (tt.divisibility, as triton's launcher infers).
-    An odd H or row stride gets scalar loads instead (not covered by this report)."""
-    return {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, ty in sig.items()
-            if ty.startswith("*") or k == "H" or k.startswith("stride")}
+    """The loss kernels' specialisation (their configs are listed, not recorded): every pointer 16-byte aligned
+    (torch allocations are); P, the pair count, is left unspecialised."""
+    return {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, ty in sig.items() if ty.startswith("*")}
 
 
 def _ptxas_stats(ptx, arch):
@@ -106,30 +108,107 @@ def _ptxas_stats(ptx, arch):
             os.path.basename(ptxas))
 
 
-def compile_one(job):
-    """job = (module, index, arch) -> row dict (error set instead of raising)."""
-    module, index, arch = job
-    import triton
+def _launches():
+    return _module("bench.aot_launches")
+
+
+_RECORDED = {}
+
+
+def _recorded(module, case_index):
+    """The kernel calls of one launch case (recorded once per process; deterministic across processes)."""
+    key = (module, case_index)
+    if key not in _RECORDED:
+        launches = _launches()
+        _RECORDED[key] = launches.record(launches.cases(module)[case_index])
+    return _RECORDED[key]
+
+
+def _target(arch):
     from triton.backends.compiler import GPUTarget
-    fn, sig, cx, warps = _configs(module)[index]
-    label = getattr(_module(module), "aot_label", None)
-    row = dict(module=module.split(".")[-1], kernel=fn.__name__, arch=f"sm_{arch}",
-               config=_config_str(sig, cx, label(fn, sig, cx) if label else None),
-               num_warps=warps, regs=None, shared=None, spill_stores=None, spill_loads=None, ptxas=None,
-               seconds=None, error=None)
+    return GPUTarget("cuda", arch, 32)
+
+
+def _bound(module, case_index, call_index, arch):
+    fn, args, kwargs = _recorded(module, case_index)[call_index]
+    return fn, _launches().bind(fn, args, kwargs, _target(arch))
+
+
+def _compile(src, arch, options, row):
+    import triton
+    ck = triton.compile(src, target=_target(arch), options=options)
+    assert ck.asm.get("cubin"), "no cubin produced"
+    row["shared"] = int(ck.metadata.shared)
+    row["regs"], row["spill_stores"], row["spill_loads"], row["ptxas"] = _ptxas_stats(ck.asm["ptx"], arch)
+
+
+def _cost_columns(case, fn, constexprs, row):
+    """The cost model's figures for a fused-head kernel (forward or backward) of a head case."""
+    if case.head is None or fn.__name__ not in ("_linear_fwd_kernel", "_linear_bwd_kernel"):
+        return
+    from prefopt.cost_model import H100_SXM, head_costs
+    head = _module("kernels.linear_logprobs")
+    blocks = {name: (head._config(case.head["dtype"], backward)[:2])
+              for name, backward in (("_linear_fwd_kernel", False), ("_linear_bwd_kernel", True))}
+    named = {fn.arg_names[path[0]]: value for path, value in constexprs.items()}
+    assert (named["BLOCK_N"], named["BLOCK_V"]) == blocks[fn.__name__], "cost model and launch disagree on tiles"
+    costs = {c.kernel: c for c in head_costs(forward_blocks=blocks["_linear_fwd_kernel"],
+                                             backward_blocks=blocks["_linear_bwd_kernel"], **case.head)}
+    cost = costs[fn.__name__]
+    times = cost.seconds(H100_SXM)
+    row.update(gflop=round(cost.flops / 1e9, 1), operand_gb=round(cost.operand_bytes / 1e9, 1),
+               atomic_gb=round(cost.atomic_bytes / 1e9, 1), predicted_ms=round(times["predicted"] * 1e3, 2),
+               math_ms=round(times["math"] * 1e3, 2), bound=times["bound"])
+
+
+def compile_one(job):
+    """job = (module, index, arch) for a listed loss config, or (module, (case, call), arch) for a recorded
+    launch -> row dict (error set instead of raising)."""
+    module, index, arch = job
+    row = dict(module=module.split(".")[-1], kernel=None, arch=f"sm_{arch}", config=None, num_warps=None,
+               regs=None, shared=None, spill_stores=None, spill_loads=None, ptxas=None, seconds=None, error=None)
     t0 = time.time()
     try:
-        full = dict(sig)
-        full.update({k: "constexpr" for k in cx})
-        src = triton.compiler.ASTSource(fn=fn, signature=full, constexprs=dict(cx), attrs=_attrs(fn, sig))
-        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-        assert ck.asm.get("cubin"), "no cubin produced"
-        row["shared"] = int(ck.metadata.shared)
-        row["regs"], row["spill_stores"], row["spill_loads"], row["ptxas"] = _ptxas_stats(ck.asm["ptx"], arch)
+        if module in LAUNCHED:
+            case_index, call_index = index
+            case = _launches().cases(module)[case_index]
+            fn, (signature, constexprs, attrs, options) = _bound(module, case_index, call_index, arch)
+            spec = _launches().specialisation_text(fn, signature, constexprs, attrs)
+            row.update(kernel=fn.__name__, config=" ".join(p for p in (case.label, spec) if p),
+                       num_warps=options.num_warps)
+            _cost_columns(case, fn, constexprs, row)
+            import triton
+            _compile(triton.compiler.ASTSource(fn, signature, constexprs, attrs), arch, options.__dict__, row)
+        else:
+            import triton
+            fn, sig, cx, warps = _configs(module)[index]
+            label = getattr(_module(module), "aot_label", None)
+            row.update(kernel=fn.__name__, config=_config_str(sig, cx, label(fn, sig, cx) if label else None),
+                       num_warps=warps)
+            full = dict(sig)
+            full.update({k: "constexpr" for k in cx})
+            src = triton.compiler.ASTSource(fn=fn, signature=full, constexprs=dict(cx), attrs=_attrs(fn, sig))
+            _compile(src, arch, {"num_warps": warps}, row)
     except Exception as e:  # reported, the test fails on it
         row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
     row["seconds"] = round(time.time() - t0, 2)
     return row
+
+
+def launch_jobs(module, arch, quick=False):
+    """One job per distinct specialisation the module's launch cases bind for `arch` (first case wins)."""
+    seen, jobs = set(), []
+    for case_index, case in enumerate(_launches().cases(module)):
+        if quick and not case.quick:
+            continue
+        for call_index in range(len(_recorded(module, case_index))):
+            fn, (signature, constexprs, attrs, options) = _bound(module, case_index, call_index, arch)
+            key = (fn.__name__, repr(signature), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
+                   options.num_warps, options.num_stages)
+            if key not in seen:
+                seen.add(key)
+                jobs.append((module, (case_index, call_index), arch))
+    return jobs
 
 
 def _quick_indices(module):
@@ -148,9 +227,39 @@ def _quick_indices(module):
     return sorted(i for _, i in best.values())
 
 
-def collect(archs=(80, 90), jobs=None, quick=False, modules=MODULES):
-    work = [(m, i, a) for m in modules
-            for i in (_quick_indices(m) if quick else range(len(_configs(m)))) for a in archs]
+def jobs_for(archs=(80, 90), quick=False, modules=MODULES):
+    work = []
+    for module in modules:
+        for arch in archs:
+            if module in LAUNCHED:
+                work += launch_jobs(module, arch, quick)
+            else:
+                work += [(module, i, arch) for i in (_quick_indices(module) if quick else range(len(_configs(module))))]
+    return work
+
+
+def describe_one(job):
+    """The row of a job without compiling it: what the launch binds (for tests and --dry-run)."""
+    module, index, arch = job
+    row = dict(module=module.split(".")[-1], arch=f"sm_{arch}")
+    if module in LAUNCHED:
+        case_index, call_index = index
+        case = _launches().cases(module)[case_index]
+        fn, (signature, constexprs, attrs, options) = _bound(module, case_index, call_index, arch)
+        row.update(kernel=fn.__name__, config=case.label, quick=case.quick, num_warps=options.num_warps,
+                   constexprs={fn.arg_names[path[0]]: value for path, value in constexprs.items()},
+                   divisible=sorted(fn.arg_names[path[0]] for path, value in attrs.items() if value),
+                   spec=_launches().specialisation_text(fn, signature, constexprs, attrs))
+    else:
+        fn, sig, cx, warps = _configs(module)[index]
+        row.update(kernel=fn.__name__, config=_config_str(sig, cx), num_warps=warps, constexprs=dict(cx))
+    return row
+
+
+def collect(archs=(80, 90), jobs=None, quick=False, modules=MODULES, dry_run=False):
+    work = jobs_for(archs, quick, modules)
+    if dry_run:
+        return [describe_one(w) for w in work]
     jobs = jobs or max(1, min(len(work), os.cpu_count() or 1))
     if jobs == 1:
         return [compile_one(w) for w in work]
@@ -159,15 +268,17 @@ def collect(archs=(80, 90), jobs=None, quick=False, modules=MODULES):
 
 
 def markdown(rows):
-    lines = ["| kernel | arch | config | warps | regs | smem (B) | spill st/ld (B) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | arch | launch | warps | regs | smem (B) | spill st/ld (B) | GFLOP | operand / atomic GB "
+             "| H100 roofline ms (bound) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        cost = (f"{r['gflop']:,} | {r['operand_gb']:,} / {r['atomic_gb']:,} | {r['predicted_ms']:,} ({r['bound']})"
+                if r.get("gflop") is not None else " | | ")
         if r["error"]:
             lines.append(f"| {r['kernel']} | {r['arch']} | {r['config']} | {r['num_warps']} | ERROR | | "
-                         f"{r['error'][:80]} |")
+                         f"{r['error'][:80]} | | | |")
         else:
             lines.append(f"| {r['kernel']} | {r['arch']} | {r['config']} | {r['num_warps']} | {r['regs']} | "
-                         f"{r['shared']} | {r['spill_stores']}/{r['spill_loads']} |")
+                         f"{r['shared']} | {r['spill_stores']}/{r['spill_loads']} | {cost} |")
     return "\n".join(lines)
 
 
@@ -181,6 +292,8 @@ def main(argv=None):
     p.add_argument("--loss-variant", default="default", choices=("default", "fp64", "stress"),
                    help=f"configurations of {LOSS_MODULE}: default (fp32, asserted by the tests), fp64 (the "
                         "fp64-input kernels) or stress (long loss lists); see its aot_configs")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what each launch binds (constexprs, constants, divisibility) without compiling")
     args = p.parse_args(argv)
     if _interpreted():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -188,7 +301,14 @@ def main(argv=None):
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     os.environ[_VARIANT_ENV] = args.loss_variant
     t0 = time.time()
-    rows = collect(tuple(args.arch), args.jobs, args.quick, tuple(args.modules))
+    rows = collect(tuple(args.arch), args.jobs, args.quick, tuple(args.modules), args.dry_run)
+    if args.dry_run:
+        for r in rows:
+            print(r["kernel"], r["arch"], r["config"], r.get("spec", ""))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1, default=str)
+        return 0
     print(markdown(rows))
     bad = [r for r in rows if r["error"] or r["spill_stores"] or r["spill_loads"]]
     print(f"\n{len(rows)} compiles in {time.time() - t0:.1f}s; {len(bad)} with errors or spills")

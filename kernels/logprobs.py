@@ -91,7 +91,7 @@ def _config(V):
     vector of 16-bit logits per thread per iteration, ~30-80 registers so many rows are in flight
     per SM); small vocabularies use 1024-wide tiles with 4 warps so a row of a few thousand entries
     is not mostly masked lanes. (4096 x 8 warps made ptxas-blackwell spill 4 bytes in the fp16
-    backward for sm_90.) Only these two configurations exist (see ``aot_configs``)."""
+    backward for sm_90.) Only these two configurations exist (bench/aot_launches.py compiles both)."""
     if V <= 8192:
         return 1024, 4
     return 4096, 16
@@ -148,32 +148,4 @@ def row_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_i
         V, int(ignore_index), scale, cap, temp,
         HAS_SOFTCAP=has_cap, HAS_ENT=has_ent, USE_FP64=logits.dtype == torch.float64,
         BLOCK_V=block, num_warps=warps)
-    return out
-
-
-_TT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-
-
-def aot_configs():
-    """Every (kernel, signature, constexprs, num_warps) the launchers above can pick on a GPU.
-
-    Scalars are specialised as on a GPU launch (i64 labels, i32 sizes/strides, fp32 params);
-    ``out`` of the backward has the dtype of ``logits`` (the launcher's default)."""
-    out = []
-    for dt in ("fp32", "bf16", "fp16"):
-        for V in (4096, 65536):
-            block, warps = _config(V)
-            for cap in (False, True):
-                sig = {"logits_ptr": f"*{dt}", "stride_row": "i32", "labels_ptr": "*i64",
-                       "logp_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "sq_ptr": "*fp32",
-                       "V": "i32", "ignore_index": "i32", "logit_scale": "fp32", "softcap": "fp32",
-                       "temperature": "fp32"}
-                out.append((_row_fwd_kernel, sig, dict(HAS_SOFTCAP=cap, USE_FP64=False, BLOCK_V=block), warps))
-                for ent in (False, True):
-                    sig = {"logits_ptr": f"*{dt}", "stride_row": "i32", "out_ptr": f"*{dt}", "stride_out": "i32",
-                           "labels_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "g_logp_ptr": "*fp32",
-                           "g_ent_ptr": "*fp32", "V": "i32", "ignore_index": "i32", "logit_scale": "fp32",
-                           "softcap": "fp32", "temperature": "fp32"}
-                    cx = dict(HAS_SOFTCAP=cap, HAS_ENT=ent, USE_FP64=False, BLOCK_V=block)
-                    out.append((_row_bwd_kernel, sig, cx, warps))
     return out

@@ -104,18 +104,3 @@ def segment_backward(grad_out, weights, cu_seqlens, counts, average, N):
         HAS_W=weights is not None, AVERAGE=bool(average), USE_FP64=dt == torch.float64,
         BLOCK=block, num_warps=warps)
     return grad
-
-
-def aot_configs():
-    """Every (kernel, signature, constexprs, num_warps) the launchers above can pick on a GPU."""
-    out = []
-    for n, s in ((4096, 2), (256, 4)):
-        block, warps = _config(n, s)
-        for has_w in (False, True):
-            for avg in (False, True):
-                cx = dict(HAS_W=has_w, AVERAGE=avg, USE_FP64=False, BLOCK=block)
-                out.append((_segment_fwd_kernel, {"v_ptr": "*fp32", "w_ptr": "*fp32", "cu_ptr": "*i64",
-                                                  "out_ptr": "*fp32", "cnt_ptr": "*fp32"}, cx, warps))
-                out.append((_segment_bwd_kernel, {"g_ptr": "*fp32", "w_ptr": "*fp32", "cu_ptr": "*i64",
-                                                  "cnt_ptr": "*fp32", "gv_ptr": "*fp32"}, cx, warps))
-    return out

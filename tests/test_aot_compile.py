@@ -3,6 +3,9 @@
 The work is done by bench/kernel_report.py in a subprocess *without* TRITON_INTERPRET: with the
 interpreter on (tests/conftest.py sets it), @triton.jit returns InterpretedFunction objects and
 triton.compile fails on them ("'InterpretedFunction' object has no attribute 'cache_key'").
+For the row ops, the fused head and the segment sums the report compiles what the launchers really launch
+(recorded on meta tensors and bound by Triton's own binder, bench/aot_launches.py), so a specialisation a
+hand-written signature would miss (integers equal to 1 become constants) is the one checked for spills.
 Compiles land in triton's cache, so reruns mostly pay only for ptxas.
 """
 import json
@@ -19,7 +22,6 @@ if ROOT not in sys.path:
 from kernels import linear_logprobs, logprobs, preference_loss, sequence_sums  # noqa: E402
 
 MODULES = (logprobs, linear_logprobs, sequence_sums)
-ALL_MODULES = MODULES + (preference_loss,)  # the loss kernels are generated, not module attributes
 
 
 def _has_ptxas():
@@ -57,27 +59,81 @@ def _check(rows):
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
 
 
-def test_aot_configs_cover_every_kernel_and_launcher_choice():
-    for mod in MODULES:
-        kernels = {name for name in dir(mod) if name.startswith("_") and name.endswith("_kernel")}
-        cfgs = mod.aot_configs()
-        assert kernels and {fn.__name__ for fn, *_ in cfgs} == kernels, mod.__name__
-        for fn, sig, cx, warps in cfgs:
-            assert set(sig) | set(cx) == set(fn.arg_names), (fn.__name__, set(fn.arg_names) ^ (set(sig) | set(cx)))
-            assert warps in (1, 2, 4, 8, 16, 32)
-    # every block configuration the launchers can pick is in the list
-    row_cfgs = {(c[2]["BLOCK_V"], c[3]) for c in logprobs.aot_configs()}
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """What every launch case binds, for both archs (no compile)."""
+    rows, _ = _report(tmp_path_factory.mktemp("dry"), "--dry-run", "--modules", *LAUNCHED, timeout=600)
+    return rows
+
+
+LAUNCHED = ("kernels.logprobs", "kernels.linear_logprobs", "kernels.sequence_sums")
+
+
+def test_launches_cover_every_kernel_and_launcher_choice(launches):
+    for mod, name in zip(MODULES, LAUNCHED):
+        kernels = {k for k in dir(mod) if k.startswith("_") and k.endswith("_kernel")}
+        for arch in ("sm_80", "sm_90"):
+            bound = {r["kernel"] for r in launches if r["module"] == name.split(".")[-1] and r["arch"] == arch}
+            assert bound == kernels, (name, arch, kernels ^ bound)
+    by_kernel = {}
+    for r in launches:
+        by_kernel.setdefault(r["kernel"], []).append(r)
+    # every tile configuration the launchers can pick is compiled (the launcher's own choice function)
+    row_cfgs = {(r["constexprs"]["BLOCK_V"], r["num_warps"]) for r in by_kernel["_row_fwd_kernel"]}
     for V in (1, 77, 1000, 8192, 8193, 32000, 128256, 262144):
         assert logprobs._config(V) in row_cfgs
     import torch
-    lin = {(c[0].__name__, c[1]["h_ptr"], c[2]["BLOCK_N"], c[2]["BLOCK_V"], c[2]["BLOCK_K"], c[3])
-           for c in linear_logprobs.aot_configs() if "h_ptr" in c[1]}
-    for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
-        assert ("_linear_fwd_kernel", f"*{name}") + linear_logprobs._config(dt, False) in lin
-        assert ("_linear_bwd_kernel", f"*{name}") + linear_logprobs._config(dt, True) in lin
-    seg = {(c[2]["BLOCK"], c[3]) for c in sequence_sums.aot_configs()}
+    for kernel, backward in (("_linear_fwd_kernel", False), ("_linear_bwd_kernel", True)):
+        cfgs = {(r["constexprs"]["BLOCK_N"], r["constexprs"]["BLOCK_V"], r["constexprs"]["BLOCK_K"], r["num_warps"])
+                for r in by_kernel[kernel]}
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            assert linear_logprobs._config(dt, backward) in cfgs
+    seg = {(r["constexprs"]["BLOCK"], r["num_warps"]) for r in by_kernel["_segment_fwd_kernel"]}
     for n, s in ((10, 1), (100, 10), (4096, 8), (10 ** 6, 3)):
         assert sequence_sums._config(n, s) in seg
+
+
+def test_launches_bind_the_real_specialisation(launches):
+    """The binder's view, not a description: a full backward binds need_gh / need_gw as the constant 1 (the
+    pipelined variant a GPU runs), a one-gradient backward leaves the other flag a runtime 0, and a ragged
+    launch loses the 16-divisibility of its sizes while an aligned one keeps it."""
+    bwd = [r for r in launches if r["kernel"] == "_linear_bwd_kernel"]
+    full = [r for r in bwd if "grads=h,w" in r["config"]]
+    assert full and all(r["constexprs"].get("need_gh") == 1 and r["constexprs"].get("need_gw") == 1 for r in full)
+    only_h = [r for r in bwd if r["config"].endswith("grads=h")]
+    assert only_h and all("need_gw" not in r["constexprs"] and r["constexprs"]["need_gh"] == 1 for r in only_h)
+    ragged = [r for r in launches if r["kernel"] == "_linear_fwd_kernel" and "V=50257" in r["config"]]
+    aligned = [r for r in launches if r["kernel"] == "_linear_fwd_kernel" and r["config"].startswith("N=16384 ")]
+    assert ragged and all("V" not in r["divisible"] and "N" not in r["divisible"] for r in ragged)
+    assert aligned and all({"N", "V", "H", "stride_h"} <= set(r["divisible"]) for r in aligned)
+    single = [r for r in launches if r["kernel"] == "_linear_fwd_kernel" and r["config"].startswith("N=1 ")]
+    assert single and all(r["constexprs"].get("N") == 1 for r in single)
+
+
+@needs_ptxas
+def test_spill_check_catches_a_forced_spilling_tile(tmp_path):
+    """The check can fail: a row backward forced to 16384-wide tiles over 4 warps (128 values per thread in
+    several live arrays) spills kilobytes on sm_90, and the same launch path reports it."""
+    script = tmp_path / "force.py"
+    script.write_text(
+        "import json, sys\n"
+        f"sys.path[:0] = [{os.path.join(ROOT, 'bench')!r}, {ROOT!r}]\n"
+        "import kernel_report as kr\n"
+        "from kernels import logprobs as rows\n"
+        "rows._config = lambda V: (16384, 4)\n"
+        "jobs = [j for j in kr.launch_jobs('kernels.logprobs', 90, quick=True)\n"
+        "        if kr._bound(j[0], *j[1], 90)[0].__name__ == '_row_bwd_kernel'][:1]\n"
+        "json.dump([kr.compile_one(j) for j in jobs], open(sys.argv[1], 'w'))\n")
+    out = tmp_path / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, str(script), str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 and rows[0]["kernel"] == "_row_bwd_kernel" and not rows[0]["error"], rows
+    with pytest.raises(AssertionError, match="register spills"):
+        _check(rows)
 
 
 def test_aot_configs_cover_every_loss_type():
@@ -134,8 +190,9 @@ def test_aot_compile_quick_no_spills(tmp_path):
 def test_aot_compile_all_configs_no_spills(tmp_path):
     """Every configuration of every kernel, sm_80 + sm_90 (a few minutes cold; the triton cache helps)."""
     rows, _ = _report(tmp_path)
-    expected = sum(len(m.aot_configs()) for m in ALL_MODULES) * 2
-    assert len(rows) == expected
+    (tmp_path / "dry").mkdir()
+    listed, _ = _report(tmp_path / "dry", "--dry-run")
+    assert len(rows) == len(listed) > len(preference_loss.aot_configs()) * 2
     _check(rows)
 
 
