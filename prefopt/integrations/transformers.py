@@ -11,17 +11,30 @@ no `[tokens, vocab]` buffer), with the logit transform the model applies read fr
 Works on plain `PreTrainedModel`s, PEFT-wrapped models (`PeftModel`: the base model with its adapters active;
 inside `model.disable_adapter()` the reference), DDP / DataParallel / torch.compile wrappers, and with gradient
 checkpointing enabled (it lives in the decoder layers, which the backbone call runs).
+
+Sharded engines (FSDP1, FSDP2 `fully_shard`, DeepSpeed ZeRO-3) gather a module's parameters in that module's
+forward hooks, so nothing here reads a parameter outside a forward: `install_prefopt_forward` patches the
+transformers model's `forward` (a `prefopt=` keyword switches it to backbone + fused head; without it the forward
+and generation are unchanged) and the LM head module's `forward` (a `prefopt=` keyword makes `lm_head(hidden)`
+return the fused head's per-token outputs instead of logits). `token_logps` / `sequence_logps` call the model
+*as given* (`model(...)`: through its DDP / FSDP / DeepSpeed / PEFT wrappers, torch.compile stripped), so the
+root hooks gather the embeddings and final norm, each decoder layer's hooks its own shard, and the head
+module's hooks `lm_head.weight` (ZeRO-3 and a separately wrapped FSDP head gather it only there). Gradients
+reach the live (unsharded) parameters and the engines reduce them to the shards as for any forward.
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
+from transformers.utils import ModelOutput
 
 import prefopt
 
 __all__ = ["HeadSpec", "head_of", "last_hidden_states", "shift_labels", "token_logps", "sequence_logps",
-           "packed_cu_seqlens", "head_inputs", "unwrap_model", "backbone_of", "is_peft_model"]
+           "packed_cu_seqlens", "head_inputs", "unwrap_model", "backbone_of", "is_peft_model",
+           "install_prefopt_forward", "PrefoptOutput", "lm_head_module", "logit_transform"]
 
 
 @dataclass(frozen=True)
@@ -87,12 +100,10 @@ def backbone_of(model):
                      "`get_decoder()`")
 
 
-def head_of(model) -> HeadSpec:
-    """The LM head (weight, bias) and logit transform (softcap, logit scale) of a causal LM.
+def lm_head_module(model):
+    """The module that plays `lm_head` now: the output embeddings, or PEFT's active `modules_to_save` copy.
 
-    Reads `final_logit_softcapping`, `logit_scale` (Cohere, multiplies), `output_multiplier` /
-    `lm_head_multiplier` (multiply) and `logits_scaling` (Granite / MiniCPM3, divides; HyperCLOVA X multiplies)
-    from the (text) config.
+    Resolved at call time: inside `peft_model.disable_adapter()` it is the original head.
     """
     model = unwrap_model(model)
     lm_head = model.get_output_embeddings()
@@ -110,9 +121,16 @@ def head_of(model) -> HeadSpec:
         active = lm_head.active_adapters
         lm_head = lm_head.modules_to_save[active[0]] if active and not lm_head.disable_adapters and \
             active[0] in lm_head.modules_to_save else lm_head.original_module
-    weight = lm_head.weight
-    bias = getattr(lm_head, "bias", None)
-    config = _text_config(model)
+    return lm_head
+
+
+def logit_transform(model):
+    """(softcap | None, logit_scale) of a causal LM, read from its (text) config (no parameter is touched).
+
+    Reads `final_logit_softcapping`, `logit_scale` (Cohere, multiplies), `output_multiplier` /
+    `lm_head_multiplier` (multiply) and `logits_scaling` (Granite / MiniCPM3, divides; HyperCLOVA X multiplies).
+    """
+    config = _text_config(unwrap_model(model))
     softcap = getattr(config, "final_logit_softcapping", None) or None
     scale = getattr(config, "logit_scale", None)
     if scale is None:
@@ -123,20 +141,39 @@ def head_of(model) -> HeadSpec:
         scaling = config.logits_scaling
         scale = scaling if getattr(config, "model_type", "") == "hyperclovax" else 1.0 / scaling
     scale = 1.0 if scale is None else float(scale)
-    return HeadSpec(weight, bias, None if softcap is None else float(softcap), scale)
+    return None if softcap is None else float(softcap), scale
+
+
+def head_of(model) -> HeadSpec:
+    """The LM head (weight, bias) and logit transform (softcap, logit scale) of a causal LM.
+
+    Reads the head's parameters as they are now: under a sharded engine (FSDP, ZeRO-3) call it only inside the
+    model's forward (`install_prefopt_forward` does); outside, the weight may be a shard.
+    """
+    lm_head = lm_head_module(model)
+    softcap, scale = logit_transform(model)
+    return HeadSpec(lm_head.weight, getattr(lm_head, "bias", None), softcap, scale)
 
 
 def last_hidden_states(model, input_ids, attention_mask=None, position_ids=None, **backbone_kwargs):
     """Run only the backbone: `[B, T]` input_ids -> `[B, T, H]` last hidden states (final norm applied).
 
-    Padding-free input: one row `[1, N]` of concatenated sequences with `position_ids` restarting at 0 for each
-    sequence and `attention_mask=None` (transformers then builds the block-diagonal causal mask).
+    Runs inside `model(...)` (the patched forward, see `install_prefopt_forward`), so sharded engines gather
+    the parameters. Padding-free input: one row `[1, N]` of concatenated sequences with `position_ids`
+    restarting at 0 for each sequence and `attention_mask=None` (transformers then builds the block-diagonal
+    causal mask).
     """
+    install_prefopt_forward(model)
+    return _call_target(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               prefopt={"hidden_only": True}, **backbone_kwargs).hidden_states
+
+
+def _backbone_hidden(model, input_ids, attention_mask=None, position_ids=None, **backbone_kwargs):
+    """The backbone call itself (run inside the model's forward)."""
     backbone = backbone_of(model)
     outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False, **backbone_kwargs)
-    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-    return hidden
+    return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
 
 
 def head_inputs(hidden, spec: HeadSpec):
@@ -191,19 +228,28 @@ def token_logps(model, input_ids, attention_mask=None, completion_mask=None, *, 
     """Per-token log-probs `[B, T]` (position t scores token t + 1) and the labels used, without logits.
 
     Returns `(logps, labels)`, or `(logps, entropy, labels)` / `(logps, entropy, log_sum_p2, labels)` with the
-    `return_*` flags (the extras are 0 at ignored positions). `head` overrides `head_of(model)`.
+    `return_*` flags (the extras are 0 at ignored positions). Runs as one call of `model(...)` (see
+    `install_prefopt_forward`). `head` (a `HeadSpec`) overrides the model's head; its tensors are then used
+    outside any forward, so it is not for sharded (FSDP / ZeRO-3) models.
     """
-    hidden = last_hidden_states(model, input_ids, attention_mask, position_ids, **backbone_kwargs)
-    spec = head_of(model) if head is None else head
-    labels = shift_labels(input_ids, completion_mask, ignore_index, position_ids=position_ids)
-    hidden, weight, bias = head_inputs(hidden, spec)
-    labels = labels.to(weight.device)
-    out = prefopt.linear_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index,
-                                  temperature=float(temperature), softcap=spec.softcap, logit_scale=spec.logit_scale,
-                                  chunk_size=chunk_size, return_entropy=return_entropy,
-                                  return_log_sum_p2=return_log_sum_p2)
-    out = out if isinstance(out, tuple) else (out,)
-    return out + (labels,)
+    if head is not None:
+        hidden = last_hidden_states(model, input_ids, attention_mask, position_ids, **backbone_kwargs)
+        labels = shift_labels(input_ids, completion_mask, ignore_index, position_ids=position_ids)
+        out = _fused_head(hidden, head, labels, dict(ignore_index=ignore_index, temperature=temperature,
+                                                     chunk_size=chunk_size, entropy=return_entropy,
+                                                     log_sum_p2=return_log_sum_p2))
+        return tuple(out) + (labels.to(out[0].device),)
+    install_prefopt_forward(model)
+    request = dict(completion_mask=completion_mask, temperature=temperature, ignore_index=ignore_index,
+                   chunk_size=chunk_size, entropy=return_entropy, log_sum_p2=return_log_sum_p2)
+    res = _call_target(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              prefopt=request, **backbone_kwargs)
+    out = (res.log_probs,)
+    if return_entropy:
+        out += (res.entropy,)
+    if return_log_sum_p2:
+        out += (res.log_sum_sq_probs,)
+    return out + (res.labels,)
 
 
 def sequence_logps(model, input_ids, attention_mask, completion_mask, *, temperature=1.0, average=False,
@@ -227,3 +273,153 @@ def sequence_logps(model, input_ids, attention_mask, completion_mask, *, tempera
         csum = torch.cat([mask.new_zeros(1, dtype=torch.int64), mask.reshape(-1).to(torch.int64).cumsum(0)])
         lengths = csum[cu[1:]] - csum[cu[:-1]]
     return seq, lengths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the fused head inside the model's forward (what sharded engines need; see the module docstring)
+# ----------------------------------------------------------------------------------------------------------------
+# keywords callers (TRL, PEFT's forward) pass that the backbone call must not see
+_DROP_KWARGS = ("labels", "output_attentions", "output_hidden_states", "return_dict", "use_cache", "fused_lm_head",
+                "shift_labels", "num_items_in_batch", "logits_to_keep")
+_STATS_TILE_BYTES = 32 * 2 ** 20
+
+
+@dataclass
+class PrefoptOutput(ModelOutput):
+    """What `model(..., prefopt=request)` returns. A `ModelOutput`, so it is a pytree: FSDP2 and DeepSpeed
+    find its tensors and hook the backward on them, as they do for the model's usual output.
+
+    `log_probs` [B, T] (position t scores token t + 1; 0 where not a completion token), `labels`, `label_mask`,
+    the requested extras (`entropy`, `log_sum_sq_probs`, `mean_logits`, `is_top1`, 0 / False where ignored),
+    or only `hidden_states` (the last hidden states) for a `{"hidden_only": True}` request.
+    """
+    log_probs: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+def _call_target(model):
+    """What to call: the model as given (its DDP / FSDP / DeepSpeed / PEFT wrappers run), minus torch.compile
+    (the patched forward is plain eager code; the compiled graph would not know the `prefopt` keyword)."""
+    while hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+        model = model._orig_mod
+    return model
+
+
+@torch.no_grad()
+def _logit_stats(hidden, weight, bias, labels, softcap, logit_scale, temperature):
+    """Mean transformed logit and is-argmax of each labelled row (no grad; one extra forward GEMM, tiled)."""
+    weight, bias = weight.detach(), None if bias is None else bias.detach()
+    rows = max(1, _STATS_TILE_BYTES // (4 * weight.shape[0]))
+    means, top1 = [], []
+    for start in range(0, hidden.shape[0], rows):
+        z = torch.nn.functional.linear(hidden[start:start + rows].to(weight.dtype), weight, bias).float()
+        z = z * logit_scale
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        z = z / temperature
+        means.append(z.mean(-1))
+        top1.append(z.argmax(-1) == labels[start:start + rows])
+    return torch.cat(means), torch.cat(top1)
+
+
+def _fused_head(hidden, spec: HeadSpec, labels, request):
+    """The fused head on `spec`'s tensors: [logps, (entropy), (log_sum_p2), (mean_logits, is_top1)]."""
+    hidden, weight, bias = head_inputs(hidden, spec)
+    labels = labels.to(weight.device)
+    ignore_index = request.get("ignore_index", -100)
+    temperature = float(request.get("temperature", 1.0))
+    out = prefopt.linear_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature,
+                                  softcap=spec.softcap, logit_scale=spec.logit_scale,
+                                  chunk_size=request.get("chunk_size"),
+                                  return_entropy=bool(request.get("entropy")),
+                                  return_log_sum_p2=bool(request.get("log_sum_p2")))
+    out = list(out) if isinstance(out, tuple) else [out]
+    if request.get("logit_stats"):
+        mask = labels != ignore_index
+        mean_rows, top1_rows = _logit_stats(hidden.detach()[mask], weight, bias, labels[mask], spec.softcap,
+                                            spec.logit_scale, temperature)
+        mean_logits = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+        mean_logits[mask] = mean_rows
+        is_top1 = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+        is_top1[mask] = top1_rows
+        out += [mean_logits, is_top1]
+    return out
+
+
+def _head_forward(self, *args, prefopt=None, **kwargs):
+    """Forward of the patched LM head: the usual one, or (with `prefopt=`) the fused head on its own weight."""
+    if prefopt is None:
+        return self._prefopt_previous_forward(*args, **kwargs)
+    hidden = args[0] if args else kwargs.pop("input")
+    spec = HeadSpec(self.weight, getattr(self, "bias", None), prefopt.get("softcap"),
+                    float(prefopt.get("logit_scale", 1.0)))
+    return tuple(_fused_head(hidden, spec, prefopt["labels"], prefopt))
+
+
+def _model_forward(self, *args, prefopt=None, **kwargs):
+    """Forward of the patched transformers model: the usual one, or (with `prefopt=`) backbone + fused head."""
+    if prefopt is None:
+        return self._prefopt_previous_forward(*args, **kwargs)
+    for key in _DROP_KWARGS:
+        kwargs.pop(key, None)
+    if kwargs.get("inputs_embeds", None) is None:
+        kwargs.pop("inputs_embeds", None)
+    input_ids = args[0] if args else kwargs.pop("input_ids")
+    attention_mask = kwargs.pop("attention_mask", None)
+    position_ids = kwargs.pop("position_ids", None)
+    hidden = _backbone_hidden(self, input_ids, attention_mask, position_ids, **kwargs)
+    if prefopt.get("hidden_only"):
+        return PrefoptOutput(hidden_states=hidden)
+    ignore_index = prefopt.get("ignore_index", -100)
+    labels = shift_labels(input_ids, prefopt.get("completion_mask"), ignore_index, position_ids=position_ids)
+    softcap, scale = logit_transform(self)
+    head = lm_head_module(self)
+    _patch_forward(_innermost(head), _head_forward, "_prefopt_head_installed")
+    # the head runs as a module call: its hooks (ZeRO-3, a separately wrapped FSDP head) gather its weight
+    out = list(head(hidden, prefopt=dict(prefopt, labels=labels, softcap=softcap, logit_scale=scale)))
+    labels = labels.to(out[0].device)
+    result = PrefoptOutput(log_probs=out.pop(0), labels=labels, label_mask=labels != ignore_index)
+    if prefopt.get("entropy"):
+        result.entropy = out.pop(0)
+    if prefopt.get("log_sum_p2"):
+        result.log_sum_sq_probs = out.pop(0)
+    if prefopt.get("logit_stats"):
+        result.mean_logits, result.is_top1 = out
+    return result
+
+
+def _innermost(module):
+    """The module an FSDP1 wrapper holds (its forward passes keywords through to it)."""
+    while isinstance(getattr(module, "_fsdp_wrapped_module", None), torch.nn.Module):
+        module = module._fsdp_wrapped_module
+    return module
+
+
+def _patch_forward(module, forward, flag):
+    # the previous forward is kept on the instance (not in a closure) so copy.deepcopy rebinds it to the copy
+    if module.__dict__.get(flag, False):
+        return
+    module._prefopt_previous_forward = module.forward
+    module.forward = types.MethodType(forward, module)
+    module.__dict__[flag] = True
+
+
+def install_prefopt_forward(model):
+    """Patch the forward of the transformers model inside `model` (idempotent; returns the patched module).
+
+    `model(input_ids=..., attention_mask=..., prefopt={"completion_mask": m, "entropy": bool, "log_sum_p2": bool,
+    "logit_stats": bool, "temperature": t, "ignore_index": i, "chunk_size": c})` then returns a `PrefoptOutput`
+    with per-token `log_probs` [B, T], `labels`, `label_mask` and the requested extras, without logits; the
+    backbone runs as the model's forward would run it and the head as a call of the LM head module (patched
+    likewise on first use). Without the `prefopt` keyword the forward is the previous one (generation and
+    every other caller unchanged).
+    """
+    target = unwrap_model(model)
+    _patch_forward(target, _model_forward, "_prefopt_forward_installed")
+    return target

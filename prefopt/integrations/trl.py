@@ -16,9 +16,12 @@ the per-sequence sums (and LD-DPO weights) through `prefopt.sequence_logps`, and
 (reference = adapter disabled, or the "ref" adapter when re-training a loaded one). Metrics keep TRL's names.
 
 The override point is `DPOTrainer._compute_loss` (everything `compute_loss`, `training_step`, `evaluate` and
-`prediction_step` go through) and `compute_ref_log_probs` (the precompute pass). The policy still runs
-*through* `model(...)` (a keyword the patched `forward` of the unwrapped transformers model intercepts), so
-DDP / DeepSpeed / PEFT wrappers see a normal forward and the head's gradient is computed inside it.
+`prediction_step` go through) and `compute_ref_log_probs` (the precompute pass). The policy and the reference
+run *through* `model(...)` (a keyword the patched `forward` of the unwrapped transformers model intercepts,
+`prefopt.integrations.transformers.install_prefopt_forward`), so DDP / FSDP / DeepSpeed / PEFT wrappers see a
+normal forward: under FSDP (accelerate's `fully_shard` per decoder layer + root) and ZeRO-3 their hooks gather
+the embeddings, each layer and the LM head (called as a module, with its own hooks), and the head's gradient
+is computed inside the forward and lands on the sharded parameters.
 
 Batches TRL's collator builds that prefopt does not handle (vision inputs, MoE router aux loss, prompt-learning
 PEFT) fall back to TRL's own `_compute_loss` with a one-time warning.
@@ -26,7 +29,6 @@ PEFT) fall back to TRL's own `_compute_loss` with a one-time warning.
 from __future__ import annotations
 
 import contextlib
-import types
 import warnings
 
 import torch
@@ -34,92 +36,11 @@ from trl import DPOTrainer
 
 import prefopt
 from prefopt.weights import ld_dpo_token_weights, wpo_pair_weights
-from prefopt.integrations.transformers import (head_inputs, head_of, is_peft_model, last_hidden_states,
-                                               shift_labels, unwrap_model)
+from prefopt.integrations.transformers import install_prefopt_forward, is_peft_model, unwrap_model
 
 __all__ = ["PrefoptDPOTrainer", "PrefoptDPOMixin", "patch_dpo_trainer", "install_prefopt_forward"]
 
 _TEXT_KEYS = frozenset({"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
-_DROP_KWARGS = ("labels", "output_attentions", "output_hidden_states", "return_dict", "use_cache", "fused_lm_head",
-                "shift_labels", "num_items_in_batch", "logits_to_keep")
-_STATS_TILE_BYTES = 32 * 2 ** 20
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the patched forward: backbone + fused head, per-token outputs (what TRL's fused head returns, from prefopt)
-# ----------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def _logit_stats(hidden, spec, labels, temperature):
-    """Mean transformed logit and is-argmax of each labelled row (no grad; one extra forward GEMM, tiled)."""
-    weight, bias = spec.weight.detach(), None if spec.bias is None else spec.bias.detach()
-    rows = max(1, _STATS_TILE_BYTES // (4 * weight.shape[0]))
-    means, top1 = [], []
-    for start in range(0, hidden.shape[0], rows):
-        z = torch.nn.functional.linear(hidden[start:start + rows].to(weight.dtype), weight, bias).float()
-        z = z * spec.logit_scale
-        if spec.softcap:
-            z = spec.softcap * torch.tanh(z / spec.softcap)
-        z = z / temperature
-        means.append(z.mean(-1))
-        top1.append(z.argmax(-1) == labels[start:start + rows])
-    return torch.cat(means), torch.cat(top1)
-
-
-def _prefopt_forward_impl(model, args, kwargs, request):
-    """Run by the patched forward when called with `prefopt=request` (a dict)."""
-    for key in _DROP_KWARGS:
-        kwargs.pop(key, None)
-    if kwargs.get("inputs_embeds", None) is None:
-        kwargs.pop("inputs_embeds", None)
-    input_ids = args[0] if args else kwargs.pop("input_ids")
-    attention_mask = kwargs.pop("attention_mask", None)
-    position_ids = kwargs.pop("position_ids", None)
-    completion_mask = request.get("completion_mask")
-    temperature = float(request.get("temperature", 1.0))
-    hidden = last_hidden_states(model, input_ids, attention_mask, position_ids, **kwargs)
-    spec = head_of(model)
-    labels = shift_labels(input_ids, completion_mask, position_ids=position_ids).to(spec.weight.device)
-    hidden, weight, bias = head_inputs(hidden, spec)
-    want_entropy, want_sqsum = bool(request.get("entropy")), bool(request.get("log_sum_p2"))
-    out = prefopt.linear_logprobs(hidden, weight, labels, bias, temperature=temperature,
-                                  softcap=spec.softcap, logit_scale=spec.logit_scale, return_entropy=want_entropy,
-                                  return_log_sum_p2=want_sqsum)
-    out = list(out) if isinstance(out, tuple) else [out]
-    result = types.SimpleNamespace(log_probs=out.pop(0), labels=labels, label_mask=labels != -100,
-                                   entropy=out.pop(0) if want_entropy else None,
-                                   log_sum_sq_probs=out.pop(0) if want_sqsum else None,
-                                   mean_logits=None, is_top1=None)
-    if request.get("logit_stats"):
-        mask = result.label_mask
-        mean_rows, top1_rows = _logit_stats(hidden.detach()[mask], spec, labels[mask], temperature)
-        result.mean_logits = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-        result.mean_logits[mask] = mean_rows
-        result.is_top1 = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
-        result.is_top1[mask] = top1_rows
-    return result
-
-
-def install_prefopt_forward(model):
-    """Patch the forward of the transformers model inside `model` (idempotent; returns the patched module).
-
-    `model(input_ids=..., attention_mask=..., prefopt={"completion_mask": m, "entropy": bool, "log_sum_p2": bool,
-    "logit_stats": bool, "temperature": t})` then returns per-token `log_probs` [B, T] (position t scores token
-    t + 1, 0 where not a completion token), `labels`, `label_mask` and the requested extras, without logits.
-    Without the `prefopt` keyword the forward is the previous one (generation, TRL's own paths unchanged).
-    """
-    target = unwrap_model(model)
-    if getattr(target, "_prefopt_forward_installed", False):
-        return target
-    previous = target.forward
-
-    def forward(self, *args, prefopt=None, **kwargs):
-        if prefopt is None:
-            return previous(*args, **kwargs)
-        return _prefopt_forward_impl(self, args, kwargs, prefopt)
-
-    target.forward = types.MethodType(forward, target)
-    target._prefopt_forward_installed = True
-    return target
 
 
 # ----------------------------------------------------------------------------------------------------------------

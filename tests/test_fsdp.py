@@ -1,0 +1,152 @@
+"""FSDP2 (`fully_shard`) with 2 gloo processes on CPU == one unsharded process on the same global input.
+
+Each check launches `torchrun --nproc_per_node=2` on this file (the worker half at the bottom). A worker
+builds the same tiny model on every rank, computes the unsharded reference on the whole global batch, then
+shards a copy (`fully_shard` per decoder layer + root), runs its half of the batch through it and compares
+log-probs (all-gathered), losses and gradients (`DTensor.full_tensor()`) with the reference. Float32 throughout;
+the bound is 1e-5 relative (max |a - b| / max |b| per tensor); the worker prints the measured maxima.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+import torch  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL = 1e-5
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun(args, tmp_path, timeout=240, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               MASTER_ADDR="127.0.0.1", **(env_extra or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", *args]
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _report(tmp_path):
+    with open(tmp_path / "report.json") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_hf_sequence_logps_fsdp2_matches_one_process(tmp_path):
+    _torchrun([__file__, "hf", str(tmp_path / "report.json")], tmp_path)
+    rep = _report(tmp_path)
+    print(rep)
+    assert rep["grads_compared"] >= 10  # every parameter of the tiny Llama (embeddings, layers, norm, head)
+    assert rep["logps_rel"] < REL and rep["loss_rel"] < REL and rep["grad_rel"] < REL
+    assert rep["hidden_rel"] < REL
+    assert rep["generate_same"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# workers (run by torchrun on this file)
+# ---------------------------------------------------------------------------------------------------------------
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _shard(model):
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _tiny_llama():
+    from prefopt.integrations.tiny import tiny_llama_config, tiny_model
+    return tiny_model(tiny_llama_config(vocab_size=61, hidden_size=16, layers=2, heads=2), seed=3)
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 61, (4, 9), generator=g)
+    attn = torch.ones(4, 9, dtype=torch.long)
+    attn[1, 7:] = 0
+    attn[3, 6:] = 0
+    comp = attn.clone()
+    comp[:, :3] = 0
+    return ids, attn, comp
+
+
+def _worker_hf(out_path):
+    """HF integration: sequence_logps / last_hidden_states under FSDP2 == one process; generate unchanged."""
+    import copy
+
+    import torch.distributed as dist
+
+    from prefopt.integrations.transformers import last_hidden_states, sequence_logps
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ids, attn, comp = _global_batch()
+    weights = torch.tensor([1.0, -0.5, 2.0, 0.75])
+    model = _tiny_llama()
+    sharded = _shard(copy.deepcopy(model))
+    # reference: one process, the whole batch
+    ref, _ = sequence_logps(model, ids, attn, comp)
+    ref_loss = (ref * weights).sum()
+    ref_loss.backward()
+    ref_grads = {n: p.grad for n, p in model.named_parameters()}
+    ref_hidden = last_hidden_states(model, ids, attn).detach()
+    # sharded: rank r takes rows [2r, 2r + 2); FSDP averages gradients over ranks, so scale by world
+    rows = slice(2 * rank, 2 * rank + 2)
+    got, _ = sequence_logps(sharded, ids[rows], attn[rows], comp[rows])
+    loss = (got * weights[rows]).sum()
+    (loss * world).backward()
+    got_all = [torch.zeros_like(got) for _ in range(world)]
+    dist.all_gather(got_all, got.detach())
+    got_all = torch.cat(got_all)
+    loss_all = loss.detach().clone()
+    dist.all_reduce(loss_all)
+    grad_rel, compared = 0.0, 0
+    for name, p in sharded.named_parameters():
+        grad_rel = max(grad_rel, _rel(_full(p.grad), ref_grads[name]))
+        compared += 1
+    hidden = last_hidden_states(sharded, ids[rows], attn[rows]).detach()
+    # the model's own forward and generation are unchanged by the patched forward
+    with torch.no_grad():
+        gen_ref = model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+        gen = sharded.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+    report = dict(logps_rel=_rel(got_all, ref), loss_rel=_rel(loss_all, ref_loss), grad_rel=grad_rel,
+                  grads_compared=compared, hidden_rel=_rel(hidden, ref_hidden[rows]),
+                  generate_same=bool(torch.equal(gen, gen_ref)))
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(report, f)
+        print(report, flush=True)
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        {"hf": _worker_hf}[sys.argv[1]](*sys.argv[2:])
+    finally:
+        dist.destroy_process_group()
