@@ -58,6 +58,18 @@ def test_hf_sequence_logps_fsdp2_matches_one_process(tmp_path):
     assert rep["generate_same"]
 
 
+@pytest.mark.slow
+def test_trl_dropin_step_fsdp2_matches_one_process(tmp_path):
+    pytest.importorskip("trl")
+    _torchrun([__file__, "trl", str(tmp_path / "report.json")], tmp_path)
+    rep = _report(tmp_path)
+    print(rep)
+    assert rep["sharded_type"].startswith("FSDP") and rep["grads_compared"] >= 10
+    assert rep["grad_norm"] > 1e-3  # a real gradient is compared
+    assert rep["logps_rel"] < REL and rep["loss_rel"] < REL and rep["grad_rel"] < REL
+    assert rep["metrics_rel"] < REL and "logps/chosen" in rep["metrics"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # workers (run by torchrun on this file)
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,12 +153,89 @@ def _worker_hf(out_path):
         print(report, flush=True)
 
 
+def _worker_trl(out_path):
+    """PrefoptDPOTrainer's loss step with FSDP2-sharded policy and reference == the same step unsharded.
+
+    accelerate turns FSDP on only for accelerator devices (on CPU it picks DDP), so the models are sharded here
+    as accelerate's FSDP2 preparation does (`fully_shard` per decoder layer, then the root) and the drop-in's
+    `compute_loss` (what `training_step` calls) runs on each rank's half of one padded global batch.
+    """
+    import copy
+    import warnings
+
+    import torch.distributed as dist
+    import trl
+
+    from prefopt.integrations.tiny import all_words, build_tokenizer, preference_dataset, tiny_llama_config, tiny_model
+    from prefopt.integrations.trl import PrefoptDPOTrainer
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tok = build_tokenizer([" ".join(all_words())], vocab_size=48)
+    data = preference_dataset(8, seed=3)
+    model = tiny_model(tiny_llama_config(48, hidden_size=16, heads=2, initializer_range=0.1), seed=5)
+    args = trl.DPOConfig(output_dir=os.path.dirname(out_path), per_device_train_batch_size=4, max_steps=1,
+                         report_to=[], use_cpu=True, seed=0, save_strategy="no", max_length=32, disable_tqdm=True,
+                         dataloader_num_workers=0, bf16=False)  # float32 (TRL's DPOConfig defaults to bf16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = PrefoptDPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                                    ref_model=copy.deepcopy(model))
+    policy, reference = trainer.model, trainer.ref_model
+    policy.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])  # [chosen x 4; rejected x 4]
+    batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+
+    def metrics():
+        return {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith(("logps/", "rewards/m"))}
+
+    # unsharded: the whole global batch
+    ref_loss = trainer.compute_loss(policy, batch)
+    ref_loss.backward()
+    ref_grads = {n: p.grad for n, p in policy.named_parameters()}
+    ref_metrics = metrics()
+    with torch.no_grad():
+        ref_tok = trainer._prefopt_forward(policy, batch).log_probs
+    # sharded: rank r takes pairs 2r, 2r + 1 (its chosen and rejected rows of the same padded batch)
+    trainer.model = sharded = _shard(copy.deepcopy(policy))
+    trainer.ref_model = _shard(copy.deepcopy(reference))
+    sharded.zero_grad(set_to_none=True)
+    rows = torch.tensor([2 * rank, 2 * rank + 1, 4 + 2 * rank, 4 + 2 * rank + 1])
+    local = {k: v[rows] for k, v in batch.items()}
+    loss = trainer.compute_loss(sharded, local)
+    loss.backward()  # the loss is a mean over pairs: FSDP's average over ranks gives the global mean's gradient
+    # gathered now: a later forward leaves the root's parameters unsharded (FSDP2 keeps the root gathered)
+    grads = {n: _full(p.grad) for n, p in sharded.named_parameters()}
+    got_metrics = metrics()
+    with torch.no_grad():
+        tok = trainer._prefopt_forward(sharded, local).log_probs
+    parts = [torch.zeros_like(tok) for _ in range(world)]
+    dist.all_gather(parts, tok)
+    order = torch.cat([torch.tensor([2 * r, 2 * r + 1, 4 + 2 * r, 4 + 2 * r + 1]) for r in range(world)])
+    tok_all = torch.empty_like(ref_tok)
+    tok_all[order] = torch.cat(parts)
+    loss_all = loss.detach().clone()
+    dist.all_reduce(loss_all)
+    grad_rel = max(_rel(g, ref_grads[n]) for n, g in grads.items())
+    compared = len(grads)
+    report = dict(logps_rel=_rel(tok_all, ref_tok), loss_rel=_rel(loss_all / world, ref_loss), grad_rel=grad_rel,
+                  grads_compared=compared,
+                  metrics_rel=max(_rel(torch.tensor(got_metrics[k]), torch.tensor(ref_metrics[k]))
+                                  for k in ref_metrics if abs(ref_metrics[k]) > 1e-6),
+                  metrics=sorted(ref_metrics), sharded_type=type(sharded).__name__,
+                  grad_norm=float(sum(float(g.double().pow(2).sum()) for g in ref_grads.values()) ** 0.5))
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(report, f)
+        print(report, flush=True)
+
+
 if __name__ == "__main__":
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        {"hf": _worker_hf}[sys.argv[1]](*sys.argv[2:])
+        {"hf": _worker_hf, "trl": _worker_trl}[sys.argv[1]](*sys.argv[2:])
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
