@@ -70,6 +70,100 @@ def test_trl_dropin_step_fsdp2_matches_one_process(tmp_path):
     assert rep["metrics_rel"] < REL and "logps/chosen" in rep["metrics"]
 
 
+# ---- trainer --fsdp ---------------------------------------------------------------------------------------------
+# AdamW's epsilon is raised from 1e-8 in these runs: with 1e-8 an entry whose gradient is rounding noise (~1e-9)
+# moves by +-lr whatever its sign, so any change of summation order (DDP does the same) shows up as 1e-4 relative
+# gradient differences from step 2 on; that is Adam's conditioning, not the sharding's.
+ADAM_EPS = 1e-3
+TRAIN = ["--max_steps", "3", "--logging_steps", "1", "--disable_tqdm", "--save_steps", "2", "--warmup_ratio", "0",
+         "--model_config", '{"hidden_size": 32}', "--adam_epsilon", str(ADAM_EPS)]
+
+
+def _train_fsdp(tmp_path, out, *extra, env_extra=None):
+    return _torchrun(["-m", "prefopt", "train", "--fsdp", "--per_device_train_batch_size", "1",
+                      "--gradient_accumulation_steps", "2", "--output_dir", str(out), *TRAIN, *extra], tmp_path,
+                     env_extra=env_extra)
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """An uninterrupted 3-step --fsdp run (2 processes x 1 row x 2 accumulated micro-batches), gradients dumped."""
+    from prefopt.trainer.loop import GRADS_ENV
+
+    root = tmp_path_factory.mktemp("fsdp_run")
+    proc = _train_fsdp(root, root / "run", env_extra={GRADS_ENV: str(root / "grads")})
+    assert "world 2" in proc.stdout
+    return root
+
+
+@pytest.mark.slow
+def test_trainer_fsdp_matches_one_process(fsdp_run, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from prefopt.trainer import TrainConfig, train
+    from prefopt.trainer.loop import GRADS_ENV
+
+    monkeypatch.setenv(GRADS_ENV, str(tmp_path / "grads"))
+    cfg = TrainConfig(max_steps=3, logging_steps=1, disable_tqdm=True, save_steps=0, warmup_ratio=0.0,
+                      model_config={"hidden_size": 32}, adam_epsilon=ADAM_EPS,
+                      per_device_train_batch_size=4, output_dir=str(tmp_path / "one"))
+    train(cfg)
+    one, two = _metrics(tmp_path / "one"), _metrics(fsdp_run / "run")
+    assert len(one) == len(two) == 3
+    assert one[0]["loss"] != one[2]["loss"]  # the model moved: steps 2 and 3 test the sharded optimizer step too
+    for a, b in zip(two, one):  # (margins are differences of near-equal rewards: compared through their parts)
+        for key in ("loss", "logps/chosen", "logps/rejected", "rewards/chosen", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=REL), key
+    for step in (1, 2, 3):
+        g1 = torch.load(tmp_path / "grads" / f"grads-{step}.pt")
+        g2 = torch.load(fsdp_run / "grads" / f"grads-{step}.pt")
+        assert sorted(g1) == sorted(g2) and len(g1) >= 10
+        for name in g1:
+            assert _rel(g2[name], g1[name]) < REL, (step, name)
+    # sharded checkpoint, no leftovers; the final export is a full (unsharded) model
+    ckpt = fsdp_run / "run" / "checkpoint-2"
+    assert (ckpt / "sharded" / ".metadata").is_file() and not (ckpt / "model.safetensors").exists()
+    assert not [p for p in os.listdir(fsdp_run / "run") if p.startswith(".tmp")]
+    w1, w2 = load_file(tmp_path / "one" / "model" / "model.safetensors"), \
+        load_file(fsdp_run / "run" / "model" / "model.safetensors")
+    assert sorted(w1) == sorted(w2) and all(w1[k].shape == w2[k].shape for k in w1)
+
+
+@pytest.mark.slow
+def test_trainer_fsdp_resume_reproduces_uninterrupted_run(fsdp_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from prefopt.trainer.loop import STOP_ENV
+
+    out = tmp_path / "run"
+    _train_fsdp(tmp_path, out, env_extra={STOP_ENV: "2"})
+    assert [r["step"] for r in _metrics(out)] == [1, 2] and not (out / "model").exists()
+    proc = _train_fsdp(tmp_path, out, "--resume", "latest")
+    assert "resuming at step 2" in proc.stdout
+    resumed, full = _metrics(out), _metrics(fsdp_run / "run")
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for a, b in zip(resumed, full):
+        for key in ("loss", "logps/chosen", "rewards/margins", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+    w_res, w_full = load_file(out / "model" / "model.safetensors"), \
+        load_file(fsdp_run / "run" / "model" / "model.safetensors")
+    for k in w_full:
+        assert _rel(w_res[k], w_full[k]) < 1e-6, k
+
+
+def test_fsdp_needs_several_processes(tmp_path):
+    from prefopt.trainer import PrefoptInputError, TrainConfig, Trainer
+
+    with pytest.raises(PrefoptInputError, match="torchrun"):
+        Trainer(TrainConfig(fsdp=True, max_steps=1, output_dir=str(tmp_path / "run"), model_config={"hidden_size": 32}))
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # workers (run by torchrun on this file)
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     RUN_DIR/checkpoint-<step>/
         model.safetensors     model parameters and buffers (safetensors; tied weights handled)
         optimizer.pt          AdamW state
+        (--fsdp: sharded/     model + AdamW state as torch.distributed.checkpoint shards, instead of both)
         scheduler.pt          LR scheduler state
         rng.pt                RNG states (torch CPU/CUDA, python, numpy) of every rank
         trainer_state.json    global_step, epoch, samples_seen, total_steps, world_size
@@ -77,8 +78,12 @@ def _replace_dir(tmp: str, final: str):
 
 
 def save_checkpoint(run_dir, step, module, optimizer, scheduler, state: dict, config: dict, rng_states: list,
-                    save_total_limit=None) -> str:
-    """Write checkpoint-<step> atomically (caller: rank 0 only). Returns its path."""
+                    save_total_limit=None, sharded=None) -> str:
+    """Write checkpoint-<step> atomically (caller: rank 0 only). Returns its path.
+
+    `sharded`: a directory of model / optimizer shards already written by every rank (--fsdp,
+    `prefopt.trainer.fsdp.save_sharded`); it is moved in as `sharded/` instead of model.safetensors / optimizer.pt.
+    """
     from safetensors.torch import save_model
 
     final = os.path.join(run_dir, f"checkpoint-{step}")
@@ -86,8 +91,11 @@ def save_checkpoint(run_dir, step, module, optimizer, scheduler, state: dict, co
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        save_model(module, os.path.join(tmp, "model.safetensors"))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        if sharded is None:
+            save_model(module, os.path.join(tmp, "model.safetensors"))
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        else:
+            os.replace(sharded, os.path.join(tmp, "sharded"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         torch.save(rng_states, os.path.join(tmp, "rng.pt"))
         with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -82,6 +82,9 @@ class TrainConfig:
     seed: int = 42
     bf16: bool = False
     gradient_checkpointing: bool = False
+    fsdp: bool = False
+    """Shard the model with FSDP2 (fully_shard per decoder layer + root) across the torchrun processes instead of
+    DistributedDataParallel; checkpoints are sharded (torch.distributed.checkpoint). See docs/trainer.md."""
     precompute_ref_log_probs: bool = False
 
     # ---- logging / saving ------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ and the data position after step s is s itself (what --resume restores).
 
 Multi-process (torchrun / WORLD_SIZE > 1): gloo on CPU, nccl on CUDA. The policy runs inside
 DistributedDataParallel (gradients averaged across ranks on the last micro-batch of a step, no_sync before it);
-metrics are averaged across ranks.
+metrics are averaged across ranks. With --fsdp the policy (and a frozen-copy reference) is sharded with FSDP2
+instead (`prefopt.trainer.fsdp`): every pass that touches the model runs inside the FSDP root's forward.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from prefopt.trainer.model import (PrecomputedReference, as_adapter, build_model
 REF_FREE = ("simpo", "cpo", "cpo_hinge", "cpo_ipo", "orpo")
 REF_CACHE = "ref_logps.pt"
 STOP_ENV = "PREFOPT_STOP_AFTER_STEP"   # test hook: stop (as if killed) after this optimizer step
+GRADS_ENV = "PREFOPT_DUMP_GRADS_DIR"   # test hook: rank 0 saves the full gradients of each step there
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,6 +164,15 @@ class Trainer:
             self.reference = make_reference(self.adapter)
         if cfg.gradient_checkpointing:
             self.adapter.gradient_checkpointing_enable()
+        self.fsdp = self.ref_fsdp = None
+        if cfg.fsdp:  # shard before the optimizer is built: it must hold the sharded parameters
+            if self.world < 2:
+                raise PrefoptInputError("--fsdp shards the model across processes: launch with torchrun "
+                                        "--nproc_per_node=N (N >= 2)")
+            from prefopt.trainer import fsdp
+            self.fsdp = fsdp.shard(self.module, device=self.device, bf16=cfg.bf16)
+            if self.reference is not None and self.reference.kind == "copy":
+                self.ref_fsdp = fsdp.shard(self.reference.adapter.module, device=self.device, bf16=cfg.bf16)
         params = [p for p in self.module.parameters() if p.requires_grad]
         if not params:
             raise PrefoptInputError("the model has no trainable parameters")
@@ -171,7 +182,7 @@ class Trainer:
         # parameter of the wrapped module, so its gradient from the fused head is averaged too.
         self.ddp = None
         self.policy_hidden = self.adapter.hidden_states
-        if self.world > 1:
+        if self.world > 1 and self.fsdp is None:
             from torch.nn.parallel import DistributedDataParallel
             ids = [self.device.index if self.device.index is not None else 0] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(_PolicyHiddenStates(self.adapter), device_ids=ids,
@@ -201,6 +212,9 @@ class Trainer:
             if diffs:
                 raise PrefoptInputError(f"--resume: checkpoint {path!r} comes from a different config:\n  "
                                         + "\n  ".join(diffs))
+            if cfg.fsdp and state.get("world_size") != self.world:
+                raise PrefoptInputError(f"--resume: the sharded checkpoint {path!r} was written by "
+                                        f"{state.get('world_size')} processes; resume it with as many, not {self.world}")
             if state.get("global_batch", self.global_batch) != self.global_batch:
                 raise PrefoptInputError(f"--resume: checkpoint {path!r} used a global batch of "
                                         f"{state.get('global_batch')} rows, this run {self.global_batch}")
@@ -219,6 +233,10 @@ class Trainer:
         rows = [self.data.examples[i] for i in indices] if examples is None else examples
         batch = collate(rows, self.data.kind, self.tokenizer.pad_id, self.cfg.padding_free)
         return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _policy(self, fn, *args):
+        """Run a policy pass: inside the FSDP root's forward under --fsdp (its hooks gather the parameters)."""
+        return fn(*args) if self.fsdp is None else self.fsdp(fn, *args)
 
     def _autocast(self):
         if self.cfg.bf16:
@@ -253,7 +271,12 @@ class Trainer:
 
     def _reference_logps(self, batch):
         with torch.no_grad(), self.reference.context():
-            seq, _ = self._sequence_logps(self.reference.adapter, batch)
+            root = self.ref_fsdp if self.reference.kind == "copy" else self.fsdp
+            if root is None:
+                seq, _ = self._sequence_logps(self.reference.adapter, batch)
+            else:
+                from prefopt.trainer.fsdp import run_no_grad
+                seq, _ = run_no_grad(root, self._sequence_logps, self.reference.adapter, batch)
         return seq.detach()
 
     def _kl_examples(self, indices):
@@ -317,9 +340,10 @@ class Trainer:
             ref = torch.zeros(n_seq, device=self.device)
         stats = {}
         if self.kto:
-            seq, _ = self._sequence_logps(self.adapter, batch, self.policy_hidden)
+            seq, _ = self._policy(self._sequence_logps, self.adapter, batch, self.policy_hidden)
             with torch.no_grad():
-                kl_pol, _ = self._sequence_logps(self.adapter, self._batch(None, self._kl_examples(indices)))
+                kl_pol, _ = self._policy(self._sequence_logps, self.adapter,
+                                         self._batch(None, self._kl_examples(indices)))
             if kl_ref is None:
                 kl_ref = torch.zeros_like(kl_pol)
             labels = batch["kto_labels"]
@@ -337,22 +361,26 @@ class Trainer:
             return loss, stats
         # paired: one fused call from the hidden states (policy head, sequence sums, loss; no logits)
         P = len(indices)
+        refs = {} if ref is None else dict(ref_chosen_logps=ref[:P].float(), ref_rejected_logps=ref[P:].float())
+        loss, metrics = self._policy(self._paired_loss, batch, refs)
+        for k, v in metrics.items():
+            stats[k] = (float(v) * P, float(P))
+        return loss, stats
+
+    def _paired_loss(self, batch, refs):
+        cfg = self.cfg
         with self._autocast():
             hidden = self.policy_hidden(batch)
         weight, bias = self.adapter.output_head()
         if hidden.dtype != weight.dtype:
             hidden = hidden.to(weight.dtype)
-        refs = {} if ref is None else dict(ref_chosen_logps=ref[:P].float(), ref_rejected_logps=ref[P:].float())
-        loss, metrics = prefopt.fused_linear_preference_loss(
+        return prefopt.fused_linear_preference_loss(
             hidden, weight, batch["labels"], bias=bias, cu_seqlens=batch.get("cu_seqlens"), ignore_index=IGNORE_INDEX,
             temperature=cfg.temperature, softcap=self.adapter.softcap, logit_scale=self.adapter.logit_scale,
             loss_type=cfg.loss_types if len(cfg.loss_types) > 1 else cfg.loss_types[0], beta=cfg.beta,
             ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, rpo_alpha=cfg.rpo_alpha,
             label_smoothing=cfg.label_smoothing, loss_weights=cfg.loss_weights,
             f_divergence_type=cfg.f_divergence_type, f_alpha_divergence_coef=cfg.f_alpha_divergence_coef, **refs)
-        for k, v in metrics.items():
-            stats[k] = (float(v) * P, float(P))
-        return loss, stats
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def _indices(self, step):
@@ -374,22 +402,33 @@ class Trainer:
 
     def _save(self, step):
         rngs = self.dist.gather_objects(ckpt.rng_state())
+        sharded = None
+        if self.fsdp is not None:  # every rank writes its shards; rank 0 completes the checkpoint around them
+            from prefopt.trainer.fsdp import save_sharded
+            sharded = save_sharded(self.run_dir, step, self.fsdp, self.optimizer, self.rank, self.dist.barrier)
         if self.rank == 0:
             state = {"global_step": step, "epoch": step / self.steps_per_epoch, "samples_seen": step * self.global_batch,
                      "total_steps": self.total_steps, "world_size": self.world, "global_batch": self.global_batch}
             ckpt.save_checkpoint(self.run_dir, step, self.module, self.optimizer, self.scheduler, state,
-                                 as_jsonable(self.cfg), rngs, self.cfg.save_total_limit)
+                                 as_jsonable(self.cfg), rngs, self.cfg.save_total_limit, sharded=sharded)
         self.dist.barrier()
 
     def _export_final(self):
         """RUN_DIR/model: save_pretrained for HF models (safetensors) + the tokenizer, else model.safetensors."""
+        full = None
+        if self.fsdp is not None:  # gathered on rank 0 (collective)
+            from prefopt.trainer.fsdp import full_state_dict
+            full = full_state_dict(self.fsdp)
         if self.rank != 0:
             return
         final, tmp = os.path.join(self.run_dir, "model"), os.path.join(self.run_dir, ".tmp-model")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         if hasattr(self.module, "save_pretrained"):
-            self.module.save_pretrained(tmp)
+            self.module.save_pretrained(tmp, state_dict=full)
+        elif full is not None:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous().clone() for k, v in full.items()}, os.path.join(tmp, "model.safetensors"))
         else:
             from safetensors.torch import save_model
             save_model(self.module, os.path.join(tmp, "model.safetensors"))
@@ -416,7 +455,12 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
         self.dist.barrier()
         if self.resume_from is not None:
-            state = ckpt.load_checkpoint(self.resume_from, self.module, self.optimizer, self.scheduler, self.rank)
+            if self.fsdp is not None:
+                from prefopt.trainer.fsdp import load_checkpoint
+                state = load_checkpoint(self.resume_from, self.fsdp, self.optimizer, self.scheduler, self.rank)
+            else:
+                state = ckpt.load_checkpoint(self.resume_from, self.module, self.optimizer, self.scheduler,
+                                             self.rank)
             start_step = int(state["global_step"])
             if self.rank == 0:  # drop the metrics an interrupted run logged after its last checkpoint
                 path = os.path.join(self.run_dir, "metrics.jsonl")
@@ -461,6 +505,8 @@ class Trainer:
             for k_micro, indices in enumerate(micro_batches):
                 # DDP all-reduces the gradients on the last micro-batch of the step only
                 last = k_micro == len(micro_batches) - 1
+                if self.fsdp is not None:  # FSDP: reduce-scatter on the last micro-batch only, as DDP
+                    self.fsdp.set_requires_gradient_sync(last)
                 with (self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()):
                     loss, stats = self._micro_loss(indices)
                     (loss / cfg.gradient_accumulation_steps).backward()
@@ -468,8 +514,12 @@ class Trainer:
                 for k, (s, c) in stats.items():
                     a, b = sums.get(k, (0.0, 0.0))
                     sums[k] = (a + s, b + c)
+            if os.environ.get(GRADS_ENV):
+                self._dump_grads(os.environ[GRADS_ENV], step + 1)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0
                                                        else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor (already reduced over the shards)
+                grad_norm = grad_norm.full_tensor()
             self.optimizer.step()
             self.scheduler.step()
             record = self._reduce_metrics(step + 1, loss_sum / cfg.gradient_accumulation_steps, sums,
@@ -503,6 +553,16 @@ class Trainer:
         if self.rank == 0:
             print(_summary_text(summary), flush=True)
         return summary
+
+    def _dump_grads(self, folder, step):
+        """The full (unsharded, rank-averaged) gradient of every trainable parameter -> folder/grads-<step>.pt."""
+        grads = {}
+        for name, p in self.module.named_parameters():
+            if p.grad is not None:  # DTensor.full_tensor() is collective: every rank takes part
+                grads[name] = (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().cpu()
+        if self.rank == 0:
+            os.makedirs(folder, exist_ok=True)
+            torch.save(grads, os.path.join(folder, f"grads-{step}.pt"))
 
     def _reduce_metrics(self, step, loss, sums, grad_norm, lr):
         keys = sorted(sums)
