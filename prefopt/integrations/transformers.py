@@ -55,7 +55,9 @@ def is_peft_model(model) -> bool:
 
 
 def unwrap_model(model):
-    """Strip DDP / DataParallel / DeepSpeed / torch.compile wrappers and PEFT's `PeftModel` shell.
+    """Strip DDP / DataParallel / DeepSpeed / FSDP1 / torch.compile wrappers and PEFT's `PeftModel` shell.
+
+    (FSDP2's `fully_shard` wraps nothing: the model stays itself.)
 
     For a `PeftModel` this returns the underlying transformers model, whose modules carry the injected adapters
     (active unless inside `peft_model.disable_adapter()`), so running it is running the PEFT model.
@@ -63,7 +65,8 @@ def unwrap_model(model):
     while True:
         if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):  # torch.compile
             model = model._orig_mod
-        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine") and \
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine",
+                                      "FullyShardedDataParallel") and \
                 isinstance(getattr(model, "module", None), torch.nn.Module):
             model = model.module
         else:
@@ -384,14 +387,15 @@ def _model_forward(self, *args, prefopt=None, **kwargs):
     # the head runs as a module call: its hooks (ZeRO-3, a separately wrapped FSDP head) gather its weight
     out = list(head(hidden, prefopt=dict(prefopt, labels=labels, softcap=softcap, logit_scale=scale)))
     labels = labels.to(out[0].device)
-    result = PrefoptOutput(log_probs=out.pop(0), labels=labels, label_mask=labels != ignore_index)
+    # every field given to the constructor: a ModelOutput's pytree holds only the keys set there
+    fields = dict(log_probs=out.pop(0), labels=labels, label_mask=labels != ignore_index)
     if prefopt.get("entropy"):
-        result.entropy = out.pop(0)
+        fields["entropy"] = out.pop(0)
     if prefopt.get("log_sum_p2"):
-        result.log_sum_sq_probs = out.pop(0)
+        fields["log_sum_sq_probs"] = out.pop(0)
     if prefopt.get("logit_stats"):
-        result.mean_logits, result.is_top1 = out
-    return result
+        fields["mean_logits"], fields["is_top1"] = out
+    return PrefoptOutput(**fields)
 
 
 def _innermost(module):

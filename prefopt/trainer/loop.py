@@ -214,7 +214,8 @@ class Trainer:
                                         + "\n  ".join(diffs))
             if cfg.fsdp and state.get("world_size") != self.world:
                 raise PrefoptInputError(f"--resume: the sharded checkpoint {path!r} was written by "
-                                        f"{state.get('world_size')} processes; resume it with as many, not {self.world}")
+                                        f"{state.get('world_size')} processes; resume it with as many, "
+                                        f"not {self.world}")
             if state.get("global_batch", self.global_batch) != self.global_batch:
                 raise PrefoptInputError(f"--resume: checkpoint {path!r} used a global batch of "
                                         f"{state.get('global_batch')} rows, this run {self.global_batch}")
