@@ -208,13 +208,15 @@ def _config(dtype, backward):
     Output tiles of 64 tokens x 128 vocab entries (two warpgroups on Hopper, 8 warps), K slices of
     64 for 16-bit inputs (128-byte rows) in the forward. The backward holds the dlogits tile plus
     the two product accumulators and their atomic addresses, so it walks H in slices of 32; with
-    4-byte inputs (exact-fp32 FMA dots or tf32) it also narrows the vocab tile to 64.
+    4-byte inputs (exact-fp32 FMA dots or tf32) it also shrinks the tile to 32 x 64: the launched
+    fp32 backwards at 64 x 64 (one-gradient variants, and the plain one on sm_90) spilled 24-372 bytes
+    once the AOT report compiled what really launches (need_gh / need_gw bound as constants).
     Every choice here is compiled for sm_80/sm_90 by tests/test_aot_compile.py and asserted to
     spill nothing (the largest use ~255 registers on sm_80, <= 1 CTA of 8 warps per SM)."""
     wide = dtype in (torch.float32, torch.float64)
     if not backward:
         return (64, 128, 32, 8) if wide else (64, 128, 64, 8)
-    return (64, 64, 32, 8) if wide else (64, 128, 32, 8)
+    return (32, 64, 32, 8) if wide else (64, 128, 32, 8)
 
 
 def _n_splits(n, V, block_n, block_v, device):
