@@ -34,6 +34,10 @@ def cmd_train(argv):
         summary = Trainer(cfg).train()
     except PrefoptInputError as err:
         return _err(err)
+    except OSError as err:  # the environment, not prefopt: a full disk, a read-only or vanished directory
+        where = f" ({err.filename})" if err.filename else ""
+        return _err(f"{err.strerror or err}{where}; finished checkpoints are intact, --resume continues from the "
+                    "newest one")
     except KeyboardInterrupt:
         return _err("interrupted; resume with --resume --output_dir RUN_DIR (newest complete checkpoint)", 130)
     return 0 if summary is not None else 1
@@ -45,12 +49,15 @@ def read_metrics(run_dir):
         raise CLIError(f"{run_dir!r} has no metrics.jsonl (not a prefopt run directory?)")
     rows = []
     with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise CLIError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+        lines = f.readlines()
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if lineno == len(lines) and not line.endswith("\n"):
+                    break  # a torn last line: the run is writing it now, or was killed mid-write
+                raise CLIError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
     if not rows:
         raise CLIError(f"{path} is empty")
     return rows

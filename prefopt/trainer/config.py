@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,10 @@ from typing import Any, Optional, Union
 
 class PrefoptInputError(ValueError):
     """Bad user input (config, data, checkpoint). The CLI prints the message without a traceback."""
+
+
+class NonFiniteError(PrefoptInputError):
+    """Training stopped on a non-finite loss or gradient norm (the update was not applied)."""
 
 
 # TRL loss names, used only when the loss module cannot tell us its own list.
@@ -41,7 +46,9 @@ class TrainConfig:
     output_dir: Optional[str] = None
     """Run directory; default runs/<timestamp>."""
     resume: Optional[str] = None
-    """'latest' (newest checkpoint in output_dir) or a checkpoint directory."""
+    """'latest' (newest verified checkpoint in output_dir; none yet: start at step 0) or a checkpoint directory."""
+    overwrite: bool = False
+    """Start over in an output_dir that already holds a run (deletes its checkpoints, metrics and model)."""
 
     # ---- loss (TRL DPOConfig / KTOConfig names) ----------------------------------------------------
     beta: float = 0.1
@@ -65,6 +72,8 @@ class TrainConfig:
     """How an over-long prompt is cut: keep_end (drop its start, TRL default for prompts) or keep_start."""
     padding_free: bool = False
     """Pack sequences into one row with position_ids / cu_seqlens instead of padding."""
+    skip_bad_rows: bool = False
+    """Skip (and count) dataset rows that are malformed or have an empty text, instead of stopping at the first."""
 
     # ---- optimisation ----------------------------------------------------------------------------------
     learning_rate: float = 3e-3
@@ -123,12 +132,7 @@ class TrainConfig:
             bad(f"KTO losses ({', '.join(KTO_LOSSES)}) cannot be combined with other loss types: {types}")
         if self.loss_weights is not None and len(self.loss_weights) != len(types):
             bad(f"loss_weights has {len(self.loss_weights)} entries but loss_type has {len(types)}: {types}")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
-            if int(getattr(self, name)) < 1:
-                bad(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("logging_steps",):
-            if int(getattr(self, name)) < 1:
-                bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._check_numbers(types)
         if self.save_steps < 0:
             bad(f"save_steps must be >= 0, got {self.save_steps}")
         if self.max_length is not None and self.max_length < 2:
@@ -141,18 +145,61 @@ class TrainConfig:
             bad("nothing to train: set max_steps > 0 or num_train_epochs > 0")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             bad(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if self.learning_rate < 0 or self.beta <= 0 and "sft" not in types:
-            bad(f"learning_rate must be >= 0 and beta > 0 (got {self.learning_rate}, {self.beta})")
-        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
-            bad(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             bad(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.resume is not None and self.resume != "latest" and not os.path.isdir(self.resume):
             bad(f"--resume: checkpoint directory {self.resume!r} does not exist (use 'latest' or a checkpoint-N dir)")
         if self.resume == "latest" and not self.output_dir:
             bad("--resume latest needs --output_dir (the run directory holding checkpoint-N folders)")
+        if self.resume is not None and self.overwrite:
+            bad("--resume and --overwrite exclude each other (continue the run, or start it over)")
         if not isinstance(self.model_config, dict):
             bad(f"model_config must be a mapping, got {type(self.model_config).__name__}")
+
+    # Ranges of the numeric settings: (low, high, low_inclusive, high_inclusive); None: unbounded. Every value must
+    # also be finite. Checked here, before anything is written, so a bad number never reaches the loop.
+    _RANGES = {
+        "beta": (0.0, None, False, True), "label_smoothing": (0.0, 1.0, True, True),
+        "rpo_alpha": (None, None, True, True), "ld_alpha": (0.0, 1.0, True, True),
+        "f_alpha_divergence_coef": (None, None, True, True), "desirable_weight": (0.0, None, True, True),
+        "undesirable_weight": (0.0, None, True, True), "temperature": (0.0, None, False, True),
+        "learning_rate": (0.0, None, True, True), "weight_decay": (0.0, None, True, True),
+        "adam_beta1": (0.0, 1.0, True, False), "adam_beta2": (0.0, 1.0, True, False),
+        "adam_epsilon": (0.0, None, True, True), "num_train_epochs": (0.0, None, True, True),
+        "warmup_ratio": (0.0, 1.0, True, True), "max_grad_norm": (0.0, None, True, True),
+        "per_device_train_batch_size": (1, None, True, True), "gradient_accumulation_steps": (1, None, True, True),
+        "logging_steps": (1, None, True, True), "save_steps": (0, None, True, True),
+        "warmup_steps": (0, None, True, True), "save_total_limit": (0, None, True, True),
+        "seed": (0, 2 ** 32 - 1, True, True), "max_steps": (None, None, True, True),
+        "max_length": (2, None, True, True), "max_prompt_length": (1, None, True, True),
+    }
+
+    def _check_numbers(self, types):
+        hints = _field_types()
+        for f in dataclasses.fields(self):
+            value, optional = getattr(self, f.name), type(None) in typing.get_args(hints[f.name])
+            if value is None and not optional:
+                raise PrefoptInputError(f"{f.name} must be set (got null)")
+        values = [(name, getattr(self, name)) for name in self._RANGES]
+        values += [(f"loss_weights[{i}]", w) for i, w in enumerate(self.loss_weights or [])]
+        for name, value in values:
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise PrefoptInputError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise PrefoptInputError(f"{name} must be a finite number, got {value}")
+            lo, hi, lo_in, hi_in = self._RANGES.get(name, (None, None, True, True))
+            if (lo is not None and (value < lo if lo_in else value <= lo)) or \
+                    (hi is not None and (value > hi if hi_in else value >= hi)):
+                rng = f"{'[' if lo_in else '('}{lo if lo is not None else '-inf'}, " \
+                      f"{hi if hi is not None else 'inf'}{']' if hi_in and hi is not None else ')'}"
+                raise PrefoptInputError(f"{name} must be in {rng}, got {value}")
+        for name, (lo, hi, lo_in, hi_in) in _loss_label_smoothing_ranges().items():
+            ls = self.label_smoothing
+            if name in types and not ((ls >= lo if lo_in else ls > lo) and (ls <= hi if hi_in else ls < hi)):
+                rng = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+                raise PrefoptInputError(f"label_smoothing must be in {rng} for the {name!r} loss, got {ls}")
 
     # ---- serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -190,6 +237,15 @@ def valid_loss_names() -> tuple:
         return tuple(LOSS_TYPES) + KTO_LOSSES
     except ImportError:  # pragma: no cover - only while the losses subpackage is being built
         return _FALLBACK_PAIRED_LOSSES + KTO_LOSSES
+
+
+def _loss_label_smoothing_ranges() -> dict:
+    """The loss module's per-loss label_smoothing ranges (one place for them: prefopt/losses/api.py)."""
+    try:
+        from prefopt.losses.api import _LS_RANGES
+    except ImportError:  # pragma: no cover
+        return {}
+    return dict(_LS_RANGES)
 
 
 def check_loss_names(types):
@@ -330,13 +386,17 @@ def _field_docs():
 
 
 # Settings that may differ between a run and its --resume (they do not change the computation).
-RESUME_FREE = ("output_dir", "resume", "logging_steps", "save_steps", "save_total_limit", "disable_tqdm",
+RESUME_FREE = ("output_dir", "resume", "overwrite", "logging_steps", "save_steps", "save_total_limit", "disable_tqdm",
                "device", "backend")
 
 
 def resume_mismatch(saved: dict, current: "TrainConfig") -> list:
     """Settings that differ between a checkpoint's config and the current one (except RESUME_FREE)."""
     now = current.to_dict()
+    # a setting the checkpoint does not name was added later: it ran with that setting's default
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainConfig)}
+    saved = {**json.loads(json.dumps(defaults, default=str)), **saved}
     diffs = []
     for key in sorted(set(saved) | set(now)):
         if key in RESUME_FREE:

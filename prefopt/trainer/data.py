@@ -29,53 +29,95 @@ IGNORE_INDEX = -100
 
 # ---------------------------------------------------------------------------------------------------------
 # loading
-def load_jsonl(path: str):
+def load_jsonl(path: str, skip_bad_rows: bool = False):
     """Rows of a preference JSONL file and its kind ('paired' or 'unpaired'). Errors name file:line."""
+    rows, kind, _ = read_jsonl(path, skip_bad_rows)
+    return rows, kind
+
+
+def read_jsonl(path: str, skip_bad_rows: bool = False):
+    """(rows, kind, skipped): skipped lists the 'file:line: reason' of the rows skip_bad_rows dropped.
+
+    A row is bad when its line is not UTF-8 or not a JSON object, lacks a field, has a field of the wrong type
+    or an empty text; without skip_bad_rows the first bad row stops with its file:line. A UTF-8 byte order mark
+    at the start of the file is accepted. Mixing paired and unpaired rows is never skipped (the file is wrong)."""
+    if os.path.isdir(path):
+        raise PrefoptInputError(f"dataset {path!r} is a directory; give a JSONL file (one JSON object per line)")
     if not os.path.isfile(path):
         raise PrefoptInputError(f"dataset {path!r} does not exist")
-    rows, kind = [], None
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    rows, kind, skipped = [], None, []
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise PrefoptInputError(f"dataset {path!r} cannot be read ({err.strerror})") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PrefoptInputError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise PrefoptInputError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
-            row_kind = "unpaired" if ("completion" in row or "label" in row) else "paired"
-            fields = UNPAIRED_FIELDS if row_kind == "unpaired" else PAIRED_FIELDS
-            missing = [k for k in fields if k not in row]
-            if missing:
-                raise PrefoptInputError(
-                    f"{path}:{lineno}: missing field(s) {', '.join(repr(m) for m in missing)} (paired rows need "
-                    f"prompt, chosen, rejected; unpaired KTO rows need prompt, completion, label)")
+                row, row_kind = _parse_row(raw, lineno, path)
+            except _BadRow as err:
+                if not skip_bad_rows:
+                    raise PrefoptInputError(f"{err} (--skip_bad_rows skips such rows)") from None
+                skipped.append(str(err))
+                continue
+            if row is None:
+                continue
             if kind is None:
                 kind = row_kind
             elif kind != row_kind:
                 raise PrefoptInputError(f"{path}:{lineno}: {row_kind} row in a {kind} dataset (do not mix "
                                         "prompt/chosen/rejected rows with prompt/completion/label rows)")
-            for k in fields:
-                if k == "label":
-                    if not isinstance(row[k], bool) and row[k] not in (0, 1):
-                        raise PrefoptInputError(f"{path}:{lineno}: 'label' must be true or false, got {row[k]!r}")
-                else:
-                    _check_text(row[k], f"{path}:{lineno}: field {k!r}")
             rows.append(row)
     if not rows:
-        raise PrefoptInputError(f"dataset {path!r} is empty (no JSON rows)")
-    return rows, kind
+        note = f" ({len(skipped)} bad rows skipped, first: {skipped[0]})" if skipped else ""
+        raise PrefoptInputError(f"dataset {path!r} is empty (no JSON rows){note}")
+    return rows, kind, skipped
+
+
+class _BadRow(Exception):
+    pass
+
+
+def _parse_row(raw: bytes, lineno: int, path: str):
+    """(row, kind) of one JSONL line, (None, None) for a blank line; _BadRow('file:line: reason') if bad."""
+    try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        raise _BadRow(f"{path}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not line.strip():
+        return None, None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise _BadRow(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise _BadRow(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+    row_kind = "unpaired" if ("completion" in row or "label" in row) else "paired"
+    fields = UNPAIRED_FIELDS if row_kind == "unpaired" else PAIRED_FIELDS
+    missing = [k for k in fields if k not in row]
+    if missing:
+        raise _BadRow(f"{path}:{lineno}: missing field(s) {', '.join(repr(m) for m in missing)} (paired rows need "
+                      f"prompt, chosen, rejected; unpaired KTO rows need prompt, completion, label)")
+    for k in fields:
+        if k == "label":
+            if not isinstance(row[k], bool) and row[k] not in (0, 1):
+                raise _BadRow(f"{path}:{lineno}: 'label' must be true or false, got {row[k]!r}")
+        else:
+            _check_text(row[k], f"{path}:{lineno}: field {k!r}")
+    return row, row_kind
 
 
 def _check_text(value, where):
     if isinstance(value, str):
+        if not value:
+            raise _BadRow(f"{where} is empty")
         return
     if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m
                                                  and isinstance(m["content"], str) for m in value):
+        if not any(m["content"] for m in value):
+            raise _BadRow(f"{where} is empty (every message has empty content)")
         return
-    raise PrefoptInputError(f"{where} must be a string or a non-empty list of {{'role', 'content'}} messages, "
-                            f"got {str(value)[:60]!r}")
+    raise _BadRow(f"{where} must be a string or a non-empty list of {{'role', 'content'}} messages, "
+                  f"got {str(value)[:60]!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,6 +180,7 @@ class TokenizedData:
     examples: list              # dicts of int lists: prompt, chosen, rejected | prompt, completion, label
     truncated: int              # rows that max_length / max_prompt_length shortened
     source: str
+    skipped: list = dataclasses.field(default_factory=list)   # 'file:line: reason' of rows skip_bad_rows dropped
 
     def __len__(self):
         return len(self.examples)
@@ -194,9 +237,11 @@ def tokenize_rows(rows, kind, tokenizer: TextTokenizer, max_length=None, max_pro
     return TokenizedData(kind, examples, truncated, source)
 
 
-def load_dataset(path, tokenizer, max_length=None, max_prompt_length=None, truncation_mode="keep_end"):
-    rows, kind = load_jsonl(path)
+def load_dataset(path, tokenizer, max_length=None, max_prompt_length=None, truncation_mode="keep_end",
+                 skip_bad_rows=False):
+    rows, kind, skipped = read_jsonl(path, skip_bad_rows)
     data = tokenize_rows(rows, kind, tokenizer, max_length, max_prompt_length, truncation_mode, source=path)
+    data.skipped = skipped
     bad = [i for i, ex in enumerate(data.examples)
            if any(len(ex[n]) == 0 for n in (("chosen", "rejected") if kind == "paired" else ("completion",)))]
     if bad and tokenizer.eos_id is None:

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 
 import torch
@@ -30,7 +31,7 @@ import torch
 import prefopt
 from prefopt.weights import ld_dpo_token_weights
 from prefopt.trainer import checkpoint as ckpt
-from prefopt.trainer.config import PrefoptInputError, TrainConfig, as_jsonable, resume_mismatch
+from prefopt.trainer.config import NonFiniteError, PrefoptInputError, TrainConfig, as_jsonable, resume_mismatch
 from prefopt.trainer.data import (DEFAULT_DATASET, DEFAULT_TOKENIZER, IGNORE_INDEX, collate, epoch_order,
                                   load_dataset, load_tokenizer)
 from prefopt.trainer.model import (PrecomputedReference, as_adapter, build_model, data_fingerprint,
@@ -129,7 +130,7 @@ class Trainer:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
         self.data_path = cfg.dataset or DEFAULT_DATASET
         self.data = load_dataset(self.data_path, self.tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                 cfg.truncation_mode)
+                                 cfg.truncation_mode, skip_bad_rows=cfg.skip_bad_rows)
         self.kto = self.data.kind == "unpaired"
         if self.kto and not cfg.is_kto:
             raise PrefoptInputError(f"{self.data_path} holds unpaired rows (prompt/completion/label): use "
@@ -200,34 +201,47 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
 
         # run directory and --resume (checked, not yet written)
-        self.resume_from = None
+        self.resume_from, self.resume_plan = None, None
         if cfg.resume is not None:
-            path = cfg.resume
-            if path == "latest":
-                path = ckpt.latest_checkpoint(cfg.output_dir)
-                if path is None:
-                    raise PrefoptInputError(f"--resume: no checkpoint-N directory in {cfg.output_dir!r}")
-            state, saved_cfg = ckpt.read_checkpoint_meta(path)
-            diffs = resume_mismatch(saved_cfg, cfg)
-            if diffs:
-                raise PrefoptInputError(f"--resume: checkpoint {path!r} comes from a different config:\n  "
-                                        + "\n  ".join(diffs))
-            if cfg.fsdp and state.get("world_size") != self.world:
-                raise PrefoptInputError(f"--resume: the sharded checkpoint {path!r} was written by "
-                                        f"{state.get('world_size')} processes; resume it with as many, "
-                                        f"not {self.world}")
-            if state.get("global_batch", self.global_batch) != self.global_batch:
-                raise PrefoptInputError(f"--resume: checkpoint {path!r} used a global batch of "
-                                        f"{state.get('global_batch')} rows, this run {self.global_batch}")
-            self.resume_from = path
-            self.run_dir = cfg.output_dir or os.path.dirname(os.path.abspath(path))
+            self.run_dir = cfg.output_dir or os.path.dirname(os.path.abspath(cfg.resume))
+            self.resume_plan = self._plan_resume()
+            path = self.resume_plan["path"]
+            if path is not None:
+                state, saved_cfg = ckpt.read_checkpoint_meta(path)
+                diffs = resume_mismatch(saved_cfg, cfg)
+                if diffs:
+                    raise PrefoptInputError(f"--resume: checkpoint {path!r} comes from a different config:\n  "
+                                            + "\n  ".join(diffs))
+                if cfg.fsdp and state.get("world_size") != self.world:
+                    raise PrefoptInputError(f"--resume: the sharded checkpoint {path!r} was written by "
+                                            f"{state.get('world_size')} processes; resume it with as many, "
+                                            f"not {self.world}")
+                if state.get("global_batch", self.global_batch) != self.global_batch:
+                    raise PrefoptInputError(f"--resume: checkpoint {path!r} used a global batch of "
+                                            f"{state.get('global_batch')} rows, this run {self.global_batch}")
+                self.resume_from = self.resume_plan["final"]
         else:
             self.run_dir = cfg.output_dir or os.path.join(
                 "runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-            if ckpt.list_checkpoints(self.run_dir) or os.path.isfile(os.path.join(self.run_dir, "metrics.jsonl")):
+            if not cfg.overwrite and ckpt.holds_run(self.run_dir):
                 raise PrefoptInputError(f"output_dir {self.run_dir!r} already holds a run: pass --resume to "
-                                        "continue it or choose another --output_dir")
+                                        "continue it, --overwrite to start it over, or choose another --output_dir")
+        _check_writable(self.run_dir)
         self.run_dir = self.dist.broadcast_object(self.run_dir)
+
+    def _plan_resume(self):
+        """Rank 0 verifies the checkpoints (sha256 of every file) and picks one; every rank gets its plan."""
+        plan, error = None, None
+        if self.rank == 0:
+            try:
+                plan = ckpt.plan_resume(self.run_dir, None if self.cfg.resume == "latest" else self.cfg.resume)
+            except PrefoptInputError as err:
+                error = str(err) if self.cfg.resume == "latest" else \
+                    f"--resume {self.cfg.resume}: {err} (--resume with no path falls back to the newest intact one)"
+        plan, error = self.dist.broadcast_object((plan, error))
+        if error is not None:
+            raise PrefoptInputError(error)
+        return plan
 
     # ---- forward pieces -----------------------------------------------------------------------------------
     def _batch(self, indices, examples=None):
@@ -308,7 +322,13 @@ class Trainer:
         """Reference logps of every row (rank r does rows r, r + world, ...; summed across ranks), cached."""
         fingerprint = data_fingerprint(self.cfg, self.data.examples, self.ref_hash)
         path = os.path.join(self.run_dir, REF_CACHE)
-        table = PrecomputedReference.load(path, fingerprint)
+        table = None
+        if os.path.isfile(path):  # never read unverified bytes: a damaged cache is recomputed, and said so
+            damage = ckpt.verify_file(path)
+            if damage is None:
+                table = PrecomputedReference.load(path, fingerprint)
+            elif self.rank == 0:
+                print(f"prefopt: {damage}: recomputing the reference log-probs", file=sys.stderr, flush=True)
         found = torch.tensor([0.0 if table is None else 1.0])
         self.dist.all_reduce_(found)
         if table is not None and int(found.item()) == self.world:
@@ -329,6 +349,7 @@ class Trainer:
         table = PrecomputedReference(values)
         if self.rank == 0:
             table.save(path, fingerprint)
+            ckpt.write_checksum(path)
         return table, False
 
     def _micro_loss(self, indices):
@@ -407,12 +428,17 @@ class Trainer:
         if self.fsdp is not None:  # every rank writes its shards; rank 0 completes the checkpoint around them
             from prefopt.trainer.fsdp import save_sharded
             sharded = save_sharded(self.run_dir, step, self.fsdp, self.optimizer, self.rank, self.dist.barrier)
+        error = None
         if self.rank == 0:
             state = {"global_step": step, "epoch": step / self.steps_per_epoch, "samples_seen": step * self.global_batch,
                      "total_steps": self.total_steps, "world_size": self.world, "global_batch": self.global_batch}
-            ckpt.save_checkpoint(self.run_dir, step, self.module, self.optimizer, self.scheduler, state,
-                                 as_jsonable(self.cfg), rngs, self.cfg.save_total_limit, sharded=sharded)
-        self.dist.barrier()
+            try:
+                self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, step, self.module, self.optimizer,
+                                                            self.scheduler, state, as_jsonable(self.cfg), rngs,
+                                                            self.cfg.save_total_limit, sharded=sharded)
+            except OSError as err:  # e.g. a full disk: the previous checkpoints are untouched
+                error = err
+        _agree(self.dist, error)  # every rank stops if rank 0 could not write (no rank waits in a barrier)
 
     def _export_final(self):
         """RUN_DIR/model: save_pretrained for HF models (safetensors) + the tokenizer, else model.safetensors."""
@@ -452,8 +478,18 @@ class Trainer:
     def _train(self):
         cfg = self.cfg
         start_step = 0
+        self.last_checkpoint = self.resume_from
         if self.rank == 0:
+            if cfg.overwrite:
+                ckpt.clear_run(self.run_dir)
             os.makedirs(self.run_dir, exist_ok=True)
+            if self.resume_plan is not None:  # recovered / damaged checkpoints into place, one line each
+                ckpt.apply_resume_plan(self.resume_plan)
+                notes = list(self.resume_plan["notes"])
+                if self.resume_from is None:
+                    notes.append(f"--resume: {self.run_dir} holds no checkpoint yet: starting from step 0")
+                for note in notes:
+                    print(f"prefopt: {note}", file=sys.stderr, flush=True)
         self.dist.barrier()
         if self.resume_from is not None:
             if self.fsdp is not None:
@@ -463,19 +499,15 @@ class Trainer:
                 state = ckpt.load_checkpoint(self.resume_from, self.module, self.optimizer, self.scheduler,
                                              self.rank)
             start_step = int(state["global_step"])
-            if self.rank == 0:  # drop the metrics an interrupted run logged after its last checkpoint
-                path = os.path.join(self.run_dir, "metrics.jsonl")
-                if os.path.isfile(path):
-                    with open(path) as f:
-                        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
-                    with open(path + ".tmp", "w") as f:
-                        f.writelines(keep)
-                    os.replace(path + ".tmp", path)
         else:
             seed_everything(cfg.seed)
             if self.rank == 0:
                 with open(os.path.join(self.run_dir, "config.json"), "w") as f:
                     json.dump(as_jsonable(cfg), f, indent=2)
+        if self.resume_plan is not None and self.rank == 0:
+            # drop the metrics an interrupted run logged after its last checkpoint (and a torn last line)
+            for note in ckpt.trim_metrics(os.path.join(self.run_dir, "metrics.jsonl"), start_step):
+                print(f"prefopt: {note}", file=sys.stderr, flush=True)
         self.ref_table, cached = None, False
         if self.reference is not None and cfg.precompute_ref_log_probs:
             self.ref_table, cached = self._precompute_reference()
@@ -487,6 +519,8 @@ class Trainer:
         bar = None
         if self.rank == 0:
             note = f" ({self.data.truncated} rows truncated to max_length/max_prompt_length)" if self.data.truncated else ""
+            if self.data.skipped:
+                note += f" ({len(self.data.skipped)} bad rows skipped, first: {self.data.skipped[0]})"
             print(f"prefopt train: {len(self.data)} {'unpaired' if self.kto else 'paired'} rows from "
                   f"{self.data_path}{note}; {self.total_steps} steps x {self.global_batch} rows; "
                   f"loss {cfg.loss_type}; world {self.world}; run dir {self.run_dir}"
@@ -521,10 +555,14 @@ class Trainer:
                                                        else float("inf"))
             if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor (already reduced over the shards)
                 grad_norm = grad_norm.full_tensor()
-            self.optimizer.step()
-            self.scheduler.step()
             record = self._reduce_metrics(step + 1, loss_sum / cfg.gradient_accumulation_steps, sums,
                                           float(grad_norm), lr)
+            if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+                if bar is not None:
+                    bar.close()
+                self._stop_non_finite(step + 1, record)  # the same values on every rank: all stop
+            self.optimizer.step()
+            self.scheduler.step()
             window.append(record)
             if (step + 1) % cfg.logging_steps == 0 or step + 1 == self.total_steps:
                 logged = _average(window)
@@ -565,6 +603,14 @@ class Trainer:
             os.makedirs(folder, exist_ok=True)
             torch.save(grads, os.path.join(folder, f"grads-{step}.pt"))
 
+    def _stop_non_finite(self, step, record):
+        last = self.last_checkpoint
+        keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise NonFiniteError(
+            f"step {step}: non-finite loss {record['loss']} / gradient norm {record['grad_norm']}; stopped before "
+            f"the update, {keep} (a --resume repeats this step: lower --learning_rate or check the data, and "
+            f"start over with --overwrite)")
+
     def _reduce_metrics(self, step, loss, sums, grad_norm, lr):
         keys = sorted(sums)
         vec = torch.tensor([loss] + [v for k in keys for v in sums[k]], dtype=torch.float64)
@@ -593,6 +639,20 @@ class _PolicyHiddenStates(torch.nn.Module):
 
     def forward(self, batch):
         return self.adapter.hidden_states(batch)
+
+
+def _check_writable(run_dir):
+    """A clear error, before anything is written, when run_dir cannot be created or written to."""
+    path = os.path.abspath(run_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise PrefoptInputError(f"output_dir {run_dir!r} exists and is not a directory")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise PrefoptInputError(f"output_dir {run_dir!r} cannot be created: {probe!r} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PrefoptInputError(f"output_dir {run_dir!r} is not writable ({probe!r} is read-only for this user)")
 
 
 def seed_everything(seed):
