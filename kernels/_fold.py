@@ -105,3 +105,14 @@ def dlogits(z, is_label, lse, mean_z, g_logp, g_ent, HAS_ENT: tl.constexpr):
     if HAS_ENT:
         coef = coef + g_ent * (z - mean_z)
     return tl.where(is_label, g_logp, 0.0) - p * coef
+
+
+def transform_args(logit_scale, softcap, temperature):
+    """Launcher arguments of ``transform``: (logit_scale, softcap, temperature, HAS_SOFTCAP).
+
+    The public edge has settled the options (prefopt/_validation.py: softcap 0 -> None, finite, non-zero), so
+    this only asserts them. A missing cap passes 1.0, a value the kernels never read."""
+    assert softcap is None or softcap > 0, softcap
+    assert temperature > 0 and logit_scale != 0, (temperature, logit_scale)
+    has_softcap = softcap is not None
+    return float(logit_scale), float(softcap) if has_softcap else 1.0, float(temperature), has_softcap

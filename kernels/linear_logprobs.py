@@ -28,7 +28,7 @@ import triton.language as tl
 
 from prefopt._types import RowStats
 
-from ._fold import dlogits, finish, fold, merge, to_acc, transform
+from ._fold import dlogits, finish, fold, merge, to_acc, transform, transform_args
 
 
 @triton.jit
@@ -240,11 +240,6 @@ def _upcast(hidden):
     return hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16
 
 
-def _params(logit_scale, softcap, temperature):
-    has_softcap = softcap is not None and softcap != 0
-    return float(logit_scale), float(softcap) if has_softcap else 1.0, float(temperature), has_softcap
-
-
 def _rowmajor(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -260,7 +255,7 @@ def linear_forward(hidden, weight, bias, labels, logit_scale, softcap, temperatu
     dev = hidden.device
     logp, lse, ent, sq = (torch.empty(n, dtype=sdt, device=dev) for _ in range(4))
     if n > 0:
-        scale, cap, temp, has_cap = _params(logit_scale, softcap, temperature)
+        scale, cap, temp, has_cap = transform_args(logit_scale, softcap, temperature)
         bn, bv, bk, warps = _config(hidden.dtype, backward=False)
         splits, v_per_split = _n_splits(n, V, bn, bv, dev)
         part = torch.empty((5, splits, n), dtype=sdt, device=dev)
@@ -294,9 +289,9 @@ def linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_
         if grad_entropy is None:  # the entropy term is then multiplied by 0 (cheaper than a variant)
             grad_entropy = torch.zeros_like(grad_logp)
             entropy = lse
-        elif entropy is None:
-            raise ValueError("linear_backward: grad_entropy given but entropy is None")
-        scale, cap, temp, has_cap = _params(logit_scale, softcap, temperature)
+        else:
+            assert entropy is not None, "the Function saves entropy whenever an entropy gradient can come"
+        scale, cap, temp, has_cap = transform_args(logit_scale, softcap, temperature)
         bn, bv, bk, warps = _config(hidden.dtype, backward=True)
         grid = (triton.cdiv(n, bn) * triton.cdiv(V, bv),)
         dummy = gh if gh is not None else gw if gw is not None else gb

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from prefopt._types import RowStats
 
-from ._fold import dlogits, finish, fold, to_acc, transform
+from ._fold import dlogits, finish, fold, to_acc, transform, transform_args
 
 
 @triton.jit
@@ -97,11 +97,6 @@ def _config(V):
     return 4096, 16
 
 
-def _params(logit_scale, softcap, temperature):
-    has_softcap = softcap is not None and softcap != 0
-    return float(logit_scale), float(softcap) if has_softcap else 1.0, float(temperature), has_softcap
-
-
 def _rows(logits):
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -117,7 +112,7 @@ def row_forward(logits, labels, ignore_index, logit_scale, softcap, temperature,
     lse = torch.empty(n, dtype=stat_dtype, device=dev)
     ent = torch.empty(n, dtype=stat_dtype, device=dev)
     sq = torch.empty(n, dtype=stat_dtype, device=dev)
-    scale, cap, temp, has_cap = _params(logit_scale, softcap, temperature)
+    scale, cap, temp, has_cap = transform_args(logit_scale, softcap, temperature)
     block, warps = _config(V)
     if n > 0:
         _row_fwd_kernel[(n,)](
@@ -136,9 +131,8 @@ def row_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_i
     if n == 0:
         return out
     has_ent = grad_entropy is not None
-    if has_ent and entropy is None:
-        raise ValueError("row_backward: grad_entropy given but entropy is None")
-    scale, cap, temp, has_cap = _params(logit_scale, softcap, temperature)
+    assert not has_ent or entropy is not None, "the Function saves entropy whenever an entropy gradient can come"
+    scale, cap, temp, has_cap = transform_args(logit_scale, softcap, temperature)
     block, warps = _config(V)
     # out may alias logits: each element is read and then written by the same program and tile.
     _row_bwd_kernel[(n,)](

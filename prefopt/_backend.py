@@ -114,7 +114,7 @@ def backend_info() -> dict:
     for dev in ("cpu", "cuda"):
         info[f"cpp/{dev}"] = cpp_status(dev)
         info[f"triton/{dev}"] = triton_status(dev)
-    from prefopt.cpu.chunked import cache_budget_bytes
+    from prefopt._validation import cache_budget_bytes
     try:
         info["logits cache"] = (f"{cache_budget_bytes(None, 'cpu') / 2**20:g} MiB per head call on CPU, "
                                 f"{cache_budget_bytes(None, 'cuda') / 2**20:g} MiB on CUDA (cpp backend)")

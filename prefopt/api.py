@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from prefopt import _validation as check
+from prefopt._options import HeadParams
 from prefopt.functions import LinearLogprobsFunction, LogprobsFromLogitsFunction, SegmentSumFunction
 
 
@@ -40,21 +41,21 @@ def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, 
     per-token entropy; with `return_log_sum_p2`, also log(sum_v p_v^2) (WPO weights; no gradient).
     The backward writes g * (onehot - p) straight into the gradient, with no other [N, V] temporary.
     """
-    check.check_logprobs_inputs(logits, labels, ignore_index, temperature, softcap, logit_scale)
+    params = check.settle_logprobs(logits, labels, ignore_index, temperature, softcap, logit_scale, return_entropy,
+                                   return_log_sum_p2)
     vocab = logits.shape[-1]
     flat_logits = logits.reshape(-1, vocab)
     if not flat_logits.is_contiguous():
         flat_logits = flat_logits.contiguous()
-    outputs = LogprobsFromLogitsFunction.apply(flat_logits, labels.reshape(-1).long(), ignore_index,
-                                               float(logit_scale), softcap or None, float(temperature),
-                                               return_entropy, return_log_sum_p2)
+    labels = labels.long()  # ignore_index and V compare in int64 below and in every backend
+    outputs = LogprobsFromLogitsFunction.apply(flat_logits, labels.reshape(-1), params)
     logp, entropy, log_sum_p2 = (o.view(labels.shape) if o.numel() else o for o in outputs)
     # Ignored positions report 0 entropy and log_sum_p2, as in linear_logprobs where they are skipped.
-    if return_entropy:
-        entropy = torch.where(labels != ignore_index, entropy, torch.zeros((), dtype=entropy.dtype))
-    if return_log_sum_p2:
-        log_sum_p2 = torch.where(labels != ignore_index, log_sum_p2, torch.zeros((), dtype=log_sum_p2.dtype))
-    return _pack_outputs((logp, entropy, log_sum_p2), return_entropy, return_log_sum_p2)
+    if params.want_entropy:
+        entropy = torch.where(labels != params.ignore_index, entropy, torch.zeros((), dtype=entropy.dtype))
+    if params.want_sqsum:
+        log_sum_p2 = torch.where(labels != params.ignore_index, log_sum_p2, torch.zeros((), dtype=log_sum_p2.dtype))
+    return _pack_outputs((logp, entropy, log_sum_p2), params.want_entropy, params.want_sqsum)
 
 
 def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, temperature=1.0, softcap=None,
@@ -72,13 +73,27 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, tem
     skips their recompute GEMM: faster, peak memory + at most the budget; results are identical with any budget.
     Default: $PREFOPT_LOGITS_CACHE_MB, else 256 MiB for CPU tensors and 0 for CUDA ones; 0 turns it off.
     """
+    hidden, weight, bias, labels, params = settle_linear(hidden, weight, labels, bias, ignore_index, temperature,
+                                                         softcap, logit_scale, chunk_size, logits_cache_mb,
+                                                         return_entropy, return_log_sum_p2)
+    return settled_linear_logprobs(hidden, weight, labels, bias, params)
+
+
+def settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size,
+                  logits_cache_mb, return_entropy=False, return_log_sum_p2=False, names=("hidden", "weight", "bias")):
+    """Autocast, check and settle one head call -> (hidden, weight, bias, int64 labels, HeadParams); no kernel runs."""
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    check.check_linear_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale,
-                              chunk_size, logits_cache_mb)
+    params = check.settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale,
+                                 chunk_size, logits_cache_mb, return_entropy, return_log_sum_p2, names=names)
+    return hidden, weight, bias, labels.long(), params
+
+
+def settled_linear_logprobs(hidden, weight, labels, bias, params: HeadParams):
+    """`linear_logprobs` on the output of `settle_linear`."""
     n_features = hidden.shape[-1]
     flat_hidden = hidden.reshape(-1, n_features)
-    flat_labels = labels.reshape(-1).long()
-    valid = flat_labels != ignore_index
+    flat_labels = labels.reshape(-1)
+    valid = flat_labels != params.ignore_index
     all_valid = bool(valid.all())
     if all_valid:
         rows_hidden, rows_labels = flat_hidden, flat_labels
@@ -95,20 +110,16 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, tem
         connected = anchor.to(acc).expand(flat_labels.shape)
         zeros = torch.zeros(flat_labels.shape, dtype=acc, device=hidden.device)
         empty = zeros.new_empty(0)
-        outputs = (connected, zeros if return_entropy else empty, zeros if return_log_sum_p2 else empty)
+        outputs = (connected, zeros if params.want_entropy else empty, zeros if params.want_sqsum else empty)
     else:
-        # Without grad mode no backward will come, so keeping tiles would only raise the peak.
-        cache_mb = logits_cache_mb if torch.is_grad_enabled() else 0
         with torch.autocast(hidden.device.type, enabled=False):  # the backward must recompute the same tiles
             outputs = LinearLogprobsFunction.apply(rows_hidden, weight.contiguous(),
-                                                   None if bias is None else bias.contiguous(), rows_labels,
-                                                   float(logit_scale), softcap or None, float(temperature),
-                                                   return_entropy, return_log_sum_p2, chunk_size, cache_mb)
+                                                   None if bias is None else bias.contiguous(), rows_labels, params)
         if not all_valid:
             outputs = tuple(o if o.numel() == 0 else
                             o.new_zeros(flat_labels.shape).index_copy(0, rows, o) for o in outputs)
     shaped = tuple(o.reshape(labels.shape) if o.numel() else o for o in outputs)
-    return _pack_outputs(shaped, return_entropy, return_log_sum_p2)
+    return _pack_outputs(shaped, params.want_entropy, params.want_sqsum)
 
 
 def sequence_logps(token_logps, mask=None, *, cu_seqlens=None, average=False):
@@ -119,11 +130,16 @@ def sequence_logps(token_logps, mask=None, *, cu_seqlens=None, average=False):
     A fully masked sequence gives 0 with zero gradient. Float masks weight tokens (LD-DPO); the mean
     divides by the count of tokens with non-zero weight.
     """
-    check.check_sequence_inputs(token_logps, mask, cu_seqlens)
+    check.check_sequence_inputs(token_logps, mask, cu_seqlens, average)
+    return settled_sequence_logps(token_logps, mask, cu_seqlens, average)
+
+
+def settled_sequence_logps(token_logps, mask, cu_seqlens, average):
+    """`sequence_logps` on inputs already checked by `check.check_sequence_inputs`."""
     acc = torch.float64 if token_logps.dtype == torch.float64 else torch.float32
     values = token_logps.reshape(-1).to(acc).contiguous()
     weights = None if mask is None else mask.reshape(-1).to(acc).contiguous()
     if cu_seqlens is None:
         batch, length = token_logps.shape
         cu_seqlens = torch.arange(batch + 1, device=token_logps.device, dtype=torch.int64) * length
-    return SegmentSumFunction.apply(values, weights, cu_seqlens.to(torch.int64).contiguous(), bool(average))
+    return SegmentSumFunction.apply(values, weights, cu_seqlens.to(torch.int64).contiguous(), average)

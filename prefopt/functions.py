@@ -1,6 +1,7 @@
 """torch.autograd.Functions of the core ops. Each one picks a backend and calls its forward/backward.
 
-Backends implement the signatures in docs/design.md; inputs arrive validated and flattened by api.py.
+Backends implement the signatures in docs/design.md; inputs arrive validated and flattened by api.py, and every
+option arrives settled in one frozen `prefopt._options.HeadParams`.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import importlib
 import torch
 
 from prefopt._backend import resolve
+from prefopt._options import HeadParams
 
 _ROWOPS = {"torch": "prefopt.cpu.rowops_torch", "cpp": "prefopt.cpu.rowops_cpp", "triton": "prefopt.kernels.logprobs"}
 _SEGMENT = {"torch": "prefopt.cpu.segment_torch", "cpp": "prefopt.cpu.segment_cpp",
@@ -45,15 +47,14 @@ def _outputs(stats, like):
 
 
 class LogprobsFromLogitsFunction(torch.autograd.Function):
-    """logits [n, V], labels [n] -> (logp [n], entropy [n] | empty, log_sum_p2 [n] | empty)."""
+    """logits [n, V], labels [n] int64, params: HeadParams -> (logp [n], entropy [n] | empty, log_sum_p2 [n] | empty)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, logit_scale, softcap, temperature, want_entropy, want_sqsum):
+    def forward(ctx, logits, labels, params: HeadParams):
         impl = rowops_impl(logits.device)
-        stats = impl.row_forward(logits, labels, ignore_index, logit_scale, softcap, temperature, want_entropy,
-                                 want_sqsum)
+        stats = impl.row_forward(logits, labels, *params.row_forward_args())
         ctx.impl = impl
-        ctx.params = (ignore_index, logit_scale, softcap, temperature)
+        ctx.params = params
         ctx.save_for_backward(logits, labels, stats.lse, stats.entropy)
         ctx.set_materialize_grads(False)
         outputs = _outputs(stats, stats.lse)
@@ -64,33 +65,31 @@ class LogprobsFromLogitsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy, _grad_sqsum):
         logits, labels, lse, entropy = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (grad_logp is None and grad_entropy is None):
-            return (None,) * 8
+            return None, None, None
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         grad_entropy = _none_if_empty(grad_entropy)
-        ignore_index, logit_scale, softcap, temperature = ctx.params
         grad_logits = ctx.impl.row_backward(logits, labels, lse, entropy, grad_logp.contiguous(),
                                             None if grad_entropy is None else grad_entropy.contiguous(),
-                                            ignore_index, logit_scale, softcap, temperature)
-        return (grad_logits,) + (None,) * 7
+                                            *ctx.params.row_backward_args())
+        return grad_logits, None, None
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
-    """hidden [n, H], weight [V, H], bias [V] | None, labels [n] (all valid) -> like LogprobsFromLogits."""
+    """hidden [n, H], weight [V, H], bias [V] | None, labels [n] (all valid), params: HeadParams
+    -> like LogprobsFromLogits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, logit_scale, softcap, temperature, want_entropy, want_sqsum,
-                chunk_size, logits_cache_mb):
+    def forward(ctx, hidden, weight, bias, labels, params: HeadParams):
         impl = head_impl(hidden.device)
-        make_cache = getattr(impl, "tile_cache", None)  # only heads that hold logits tiles can keep some
-        wants_grad = any(ctx.needs_input_grad[:3])
-        tile_cache = make_cache(logits_cache_mb, hidden.device.type) if make_cache and wants_grad else None
+        # params.cache_bytes is 0 unless a backward will come; only heads that hold logits tiles can keep some.
+        make_cache = getattr(impl, "cache_for", None)
+        tile_cache = make_cache(params.cache_bytes) if make_cache is not None and params.cache_bytes else None
         kwargs = {} if tile_cache is None else {"tile_cache": tile_cache}
-        stats = impl.linear_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature, want_entropy,
-                                    want_sqsum, chunk_size, **kwargs)
+        stats = impl.linear_forward(hidden, weight, bias, labels, *params.linear_forward_args(), **kwargs)
         ctx.impl = impl
         ctx.backward_kwargs = kwargs
-        ctx.params = (logit_scale, softcap, temperature, chunk_size)
+        ctx.params = params
         ctx.save_for_backward(hidden, weight, bias, labels, stats.lse, stats.entropy)
         ctx.set_materialize_grads(False)
         outputs = _outputs(stats, stats.lse)
@@ -103,16 +102,14 @@ class LinearLogprobsFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         if not any(needs) or (grad_logp is None and grad_entropy is None):
             ctx.backward_kwargs = {}  # drop any kept tiles with the graph's other buffers
-            return (None,) * 11
+            return None, None, None, None, None
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         grad_entropy = _none_if_empty(grad_entropy)
-        logit_scale, softcap, temperature, chunk_size = ctx.params
         grads = ctx.impl.linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp.contiguous(),
                                          None if grad_entropy is None else grad_entropy.contiguous(),
-                                         logit_scale, softcap, temperature, chunk_size, needs,
-                                         **ctx.backward_kwargs)
-        return tuple(grads) + (None,) * 8
+                                         *ctx.params.linear_backward_args(), needs, **ctx.backward_kwargs)
+        return (*grads, None, None)
 
 
 class SegmentSumFunction(torch.autograd.Function):

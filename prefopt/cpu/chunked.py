@@ -13,11 +13,13 @@ use instead of recomputing them: the peak extra memory then grows by at most the
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+# The cache budget is settled at the public edge and arrives in bytes (`cache_for`); the names below stay importable
+# from here for callers that size a cache themselves (`tile_cache`).
+from prefopt._options import CACHE_ENV, DEFAULT_CPU_CACHE_MB  # noqa: F401
 from prefopt._types import RowStats
+from prefopt._validation import cache_budget_bytes
 from prefopt.cpu.rowops_torch import transform_with_slope
 
 TILE_ELEMENTS = 1 << 23  # 8M fp32 = 32 MiB per tile
@@ -26,28 +28,6 @@ TARGET_ROWS = 1024       # rows per tile when V is large (vocabulary blocks shri
 # Labels are clamped into each vocabulary block and this ignore_index (never a real label) keeps every row live
 # in the row ops; the onehot term of rows whose label lies in another block is then taken back out.
 _NO_IGNORE = -(1 << 62)
-
-
-CACHE_ENV = "PREFOPT_LOGITS_CACHE_MB"
-# Default budget on CPU: 8 tiles. RAM is rarely what limits a CPU run, the recompute GEMM is (about a fifth of a DPO
-# step at H=1024, V=32k). Elsewhere (the cpp backend's CUDA path) memory is the point: nothing is kept unless asked.
-DEFAULT_CPU_CACHE_MB = 256
-
-
-def cache_budget_bytes(cache_mb=None, device_type="cpu") -> int:
-    """Bytes of forward tiles the backward may reuse: `cache_mb`, else $PREFOPT_LOGITS_CACHE_MB, else the default
-    (DEFAULT_CPU_CACHE_MB on CPU, 0 on other devices)."""
-    if cache_mb is None:
-        text = os.environ.get(CACHE_ENV, "").strip()
-        if not text:
-            return (DEFAULT_CPU_CACHE_MB << 20) if device_type == "cpu" else 0
-        try:
-            cache_mb = float(text)
-        except ValueError:
-            raise ValueError(f"{CACHE_ENV} must be a number of MiB (0 disables the cache), got {text!r}") from None
-    if not 0 <= cache_mb < float("inf"):
-        raise ValueError(f"the logits cache budget must be a finite number of MiB >= 0, got {cache_mb!r}")
-    return int(cache_mb * (1 << 20))
 
 
 class TileCache:
@@ -123,10 +103,15 @@ class ChunkedHead:
         self.rowops = rowops
 
     @staticmethod
+    def cache_for(budget_bytes: int):
+        """A TileCache of a settled byte budget for one forward/backward, or None when the budget is 0."""
+        assert isinstance(budget_bytes, int) and budget_bytes >= 0, budget_bytes
+        return TileCache(budget_bytes) if budget_bytes > 0 else None
+
+    @staticmethod
     def tile_cache(cache_mb=None, device_type="cpu"):
-        """A TileCache for one forward/backward, or None when the budget is 0."""
-        budget = cache_budget_bytes(cache_mb, device_type)
-        return TileCache(budget) if budget > 0 else None
+        """`cache_for` with the budget resolved as the public functions do (argument, environment, default)."""
+        return ChunkedHead.cache_for(cache_budget_bytes(cache_mb, device_type))
 
     def linear_forward(self, hidden, weight, bias, labels, logit_scale, softcap, temperature, want_entropy,
                        want_sqsum, chunk_size=None, tile_cache=None):

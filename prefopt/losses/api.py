@@ -7,74 +7,18 @@ See README.md (section "Losses") for the table of losses, papers and arguments.
 """
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
 
+from prefopt import _validation as check
+from prefopt._options import LossOptions
 from prefopt.losses.function import PreferencePairFunction
-from prefopt.losses.table import (DIVERGENCES, DPO_LOSSES, REF_FREE_LOSSES, TABLE, PairSpec, TorchOps,
-                                  _orpo_log_odds, make_params)
+from prefopt.losses.table import DIVERGENCES, DPO_LOSSES, REF_FREE_LOSSES, TABLE, PairSpec, TorchOps, _orpo_log_odds, \
+    make_params
 
 __all__ = ["preference_loss", "kto_loss", "LOSS_TYPES", "F_DIVERGENCE_TYPES"]
 
 LOSS_TYPES = DPO_LOSSES + REF_FREE_LOSSES
 F_DIVERGENCE_TYPES = tuple(DIVERGENCES)
-_NEED_LENGTHS = {"ipo", "sigmoid_norm", "simpo", "cpo_ipo", "orpo"}
-_LS_RANGES = {  # label_smoothing ranges (lo, hi, lo_inclusive, hi_inclusive) of the losses that read it
-    "sigmoid": (0.0, 1.0, True, True), "aot": (0.0, 1.0, True, True), "aot_unpaired": (0.0, 1.0, True, True),
-    "robust": (0.0, 0.5, True, False), "exo_pair": (0.0, 1.0, False, False),
-    "cpo": (0.0, 1.0, True, True), "simpo": (0.0, 1.0, True, True),
-}
-
-
-# ------------------------------------------------------------------------------------------------------------
-# validation helpers
-# ------------------------------------------------------------------------------------------------------------
-def _check_tensor(name, t, *, P=None, device=None, allow_int=False, allow_scalar=False):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.is_complex() or not (t.is_floating_point() or (allow_int and not t.dtype == torch.bool)):
-        kind = "a floating-point" if not allow_int else "a floating-point or integer"
-        raise TypeError(f"{name} must be {kind} tensor, got dtype {t.dtype}")
-    if allow_scalar and t.dim() == 0:
-        pass
-    elif t.dim() != 1:
-        raise ValueError(f"{name} must have shape [P] (one value per pair), got shape {tuple(t.shape)}")
-    elif P is not None and t.shape[0] != P:
-        raise ValueError(f"{name} has shape {tuple(t.shape)} but chosen_logps has shape ({P},): shapes must match")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but chosen_logps is on {device}: all inputs must be on one device")
-    return t
-
-
-def _check_real(name, v, *, positive=False, allow_none=False):
-    if v is None and allow_none:
-        return v
-    if isinstance(v, torch.Tensor) and v.dim() == 0:
-        v = float(v)
-    if isinstance(v, bool) or not isinstance(v, Real):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if positive and v <= 0:
-        raise ValueError(f"{name} must be > 0, got {v}")
-    return v
-
-
-def _normalize_loss_types(loss_type):
-    names = [loss_type] if isinstance(loss_type, str) else loss_type
-    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
-        raise TypeError(f"loss_type must be a loss name or a non-empty list of names; valid names: "
-                        f"{', '.join(LOSS_TYPES)}")
-    for n in names:
-        if n not in TABLE or TABLE[n].family == "kto":
-            raise ValueError(f"unknown loss_type {n!r}; valid loss types: {', '.join(LOSS_TYPES)} "
-                             f"(unpaired KTO: prefopt.kto_loss)")
-    if len(set(names)) != len(names):
-        raise ValueError(f"loss_type lists {list(names)} with a repeated name; give each loss once")
-    return tuple(names)
 
 
 def _compute_dtype(*ts):
@@ -129,108 +73,27 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
         (TRL CPOConfig) and 0.0 for simpo (pure SimPO).
     Returns (loss: 0-dim tensor, metrics: dict of detached 0-dim tensors).
     """
-    names = _normalize_loss_types(loss_type)
-    family = {TABLE[n].family for n in names}
-    if len(family) > 1:
-        raise ValueError(f"loss_type {list(names)} mixes reference-based and reference-free losses "
-                         f"({', '.join(REF_FREE_LOSSES)}); use one family per call")
-    ref_free = family == {"ref_free"}
-    if ref_free and len(names) > 1:
-        raise ValueError(f"reference-free losses ({', '.join(REF_FREE_LOSSES)}) take a single loss_type, got "
-                         f"{list(names)}")
+    opts = check.loss_options(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
+                              loss_weights=loss_weights, f_divergence_type=f_divergence_type,
+                              f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
+                              rpo_alpha=rpo_alpha, bco_running_mean=bco_running_mean, simpo_gamma=simpo_gamma,
+                              cpo_alpha=cpo_alpha, has_policy_weights=policy_weights is not None)
+    check.check_loss_tensors(opts, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                             chosen_lengths, rejected_lengths, nll_lengths, policy_weights, chosen_nll)
+    return settled_preference_loss(opts, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                   chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                                   chosen_nll=chosen_nll, nll_lengths=nll_lengths, policy_weights=policy_weights)
 
-    # tensors
-    _check_tensor("chosen_logps", chosen_logps)
-    P, device = chosen_logps.shape[0], chosen_logps.device
-    if P == 0:
-        raise ValueError("chosen_logps is empty: need at least one pair")
-    _check_tensor("rejected_logps", rejected_logps, P=P, device=device)
-    if ref_free:
-        if ref_chosen_logps is not None or ref_rejected_logps is not None:
-            raise ValueError(f"loss_type {names[0]!r} is reference-free: pass ref_chosen_logps=None and "
-                             "ref_rejected_logps=None")
-    else:
-        if ref_chosen_logps is None or ref_rejected_logps is None:
-            raise ValueError(f"loss_type {list(names)} needs ref_chosen_logps and ref_rejected_logps "
-                             f"(reference-free losses: {', '.join(REF_FREE_LOSSES)})")
-        _check_tensor("ref_chosen_logps", ref_chosen_logps, P=P, device=device)
-        _check_tensor("ref_rejected_logps", ref_rejected_logps, P=P, device=device)
-    for nm, t in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths),
-                  ("nll_lengths", nll_lengths)):
-        if t is not None:
-            _check_tensor(nm, t, P=P, device=device, allow_int=True)
-    if policy_weights is not None:
-        _check_tensor("policy_weights", policy_weights, P=P, device=device)
-    if chosen_nll is not None:
-        _check_tensor("chosen_nll", chosen_nll, P=P, device=device, allow_scalar=True)
 
-    # scalars
-    beta = _check_real("beta", beta, positive=True)
-    ls = _check_real("label_smoothing", label_smoothing)
-    tau = _check_real("discopop_tau", discopop_tau, positive=True)
-    simpo_gamma = _check_real("simpo_gamma", simpo_gamma)
-    rpo_alpha = _check_real("rpo_alpha", rpo_alpha, allow_none=True)
-    cpo_alpha = _check_real("cpo_alpha", cpo_alpha, allow_none=True)
-    fa = _check_real("f_alpha_divergence_coef", f_alpha_divergence_coef)
-    if not 0.0 <= ls <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {ls}")
-    for n in names:
-        if n in _LS_RANGES:
-            lo, hi, lo_in, hi_in = _LS_RANGES[n]
-            ok = (ls >= lo if lo_in else ls > lo) and (ls <= hi if hi_in else ls < hi)
-            if not ok:
-                rng = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
-                extra = " (the EXO paper recommends 1e-3)" if n == "exo_pair" else ""
-                raise ValueError(f"label_smoothing must be in {rng} for the {n!r} loss, got {ls}{extra}")
-    if loss_weights is None:
-        loss_weights = [1.0] * len(names)
-    if isinstance(loss_weights, (str, bytes)) or not hasattr(loss_weights, "__len__"):
-        raise TypeError("loss_weights must be a list of numbers, one per loss_type")
-    if len(loss_weights) != len(names):
-        raise ValueError(f"loss_weights has {len(loss_weights)} entries but loss_type has {len(names)}: "
-                         "give one weight per loss type")
-    loss_weights = [_check_real("loss_weights", w) for w in loss_weights]
-
-    if not isinstance(f_divergence_type, str) or f_divergence_type not in DIVERGENCES:
-        raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; valid f-divergences: "
-                         f"{', '.join(F_DIVERGENCE_TYPES)}")
-    divergence = f_divergence_type
-    if divergence != "reverse_kl":
-        bad = [n for n in names if not TABLE[n].supports_f_divergence]
-        if bad:
-            ok = [n for n in DPO_LOSSES if TABLE[n].supports_f_divergence]
-            raise ValueError(f"f_divergence_type={divergence!r} is only supported for the loss types "
-                             f"{', '.join(ok)}; not for {', '.join(bad)}. Use f_divergence_type='reverse_kl'")
-    if divergence == "alpha_divergence" and abs(fa - 1.0) < 1e-6:
-        divergence = "reverse_kl"  # the alpha -> 1 limit, as TRL
-
-    if policy_weights is not None and any(n in ("aot", "aot_unpaired") for n in names):
-        raise ValueError("policy_weights (WPO weighting) is not supported with 'aot' / 'aot_unpaired': those "
-                         "losses sort the pairs, which would misalign the per-pair weights")
-    needs_len = [n for n in names if n in _NEED_LENGTHS]
-    if needs_len and (chosen_lengths is None or rejected_lengths is None):
-        raise ValueError(f"loss_type {', '.join(needs_len)} needs chosen_lengths and rejected_lengths "
-                         "(completion token counts, shape [P])")
-
-    # NLL coefficient
-    if ref_free and cpo_alpha is None:
-        cpo_alpha = 0.0 if names[0] == "simpo" else 1.0
-    nll_coef_terms = []
-    if "sft" in names:
-        nll_coef_terms.append(("sft", loss_weights[names.index("sft")]))
-    if rpo_alpha is not None and not ref_free:
-        nll_coef_terms.append(("rpo_alpha", rpo_alpha))
-    if ref_free and names[0] == "orpo":
-        nll_coef_terms.append(("orpo", 1.0))
-    elif ref_free and cpo_alpha != 0.0:
-        nll_coef_terms.append(("cpo_alpha", cpo_alpha))
-    if nll_coef_terms and chosen_nll is None:
-        who = ", ".join(n for n, _ in nll_coef_terms)
-        raise ValueError(f"{who} needs chosen_nll (the chosen completions' NLL: a 0-dim batch value or per-pair "
-                         "sums [P])")
-    if nll_coef_terms and chosen_nll.dim() == 1 and nll_lengths is None and chosen_lengths is None:
-        raise ValueError("chosen_nll of shape [P] (per-pair NLL sums) needs nll_lengths or chosen_lengths to form "
-                         "the token mean; or pass the reduced batch NLL as a 0-dim tensor")
+def settled_preference_loss(opts: LossOptions, chosen_logps, rejected_logps, ref_chosen_logps=None,
+                            ref_rejected_logps=None, *, chosen_lengths=None, rejected_lengths=None, chosen_nll=None,
+                            nll_lengths=None, policy_weights=None):
+    """`preference_loss` on inputs already checked by prefopt/_validation.py (the fused loss checks them before
+    its head passes)."""
+    names, ref_free, beta = opts.names, opts.ref_free, opts.beta
+    nll_coef_terms = opts.nll_terms
+    bco_running_mean = opts.bco_running_mean
+    device = chosen_logps.device
 
     # ---- compute --------------------------------------------------------------------------------------------
     ct = _compute_dtype(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_nll)
@@ -250,15 +113,15 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
             elif isinstance(bco_running_mean, str) and bco_running_mean == "batch":
                 bco_delta = torch.cat([beta * c_lr, beta * r_lr]).mean()
             else:
-                bco_delta = bco_running_mean.detach() if torch.is_tensor(bco_running_mean) else \
-                    _check_real("bco_running_mean", bco_running_mean)
+                bco_delta = bco_running_mean.detach() if torch.is_tensor(bco_running_mean) else bco_running_mean
         else:
             bco_delta = 0.0
     clamp = 11.0 if torch.float16 in (chosen_logps.dtype, rejected_logps.dtype) else 80.0
-    spec = PairSpec(losses=names, divergence=divergence, has_ref=not ref_free, has_len=has_len,
+    spec = PairSpec(losses=names, divergence=opts.divergence, has_ref=not ref_free, has_len=has_len,
                     has_w=policy_weights is not None)
-    params = make_params(ct, device, beta=beta, ls=ls, tau=tau, gamma=simpo_gamma, fa1=fa - 1.0, clamp=clamp,
-                         bco_delta=bco_delta, loss_weights=loss_weights)
+    params = make_params(ct, device, beta=beta, ls=opts.label_smoothing, tau=opts.discopop_tau,
+                         gamma=opts.simpo_gamma, fa1=opts.f_alpha_divergence_coef - 1.0, clamp=clamp,
+                         bco_delta=bco_delta, loss_weights=list(opts.loss_weights))
 
     pair_names = [n for n in names if TABLE[n].kind != "none"]
     if pair_names:
@@ -312,37 +175,11 @@ def kto_loss(policy_logps, ref_logps, labels_desirable, kl_policy_logps=None, kl
     Per example: desirable  w_d * (1 - sigmoid(beta * (x - KL))),  undesirable  w_u * (1 - sigmoid(beta * (KL - x))),
     x = policy - ref.
     """
-    if loss_type not in ("kto", "apo_zero_unpaired"):
-        raise ValueError(f"unknown KTO loss_type {loss_type!r}; valid: kto, apo_zero_unpaired")
-    _check_tensor("policy_logps", policy_logps)
-    B, device = policy_logps.shape[0], policy_logps.device
-    if B == 0:
-        raise ValueError("policy_logps is empty: need at least one example")
-    _check_tensor("ref_logps", ref_logps, P=B, device=device)
-    if not isinstance(labels_desirable, torch.Tensor):
-        raise TypeError(f"labels_desirable must be a torch.Tensor, got {type(labels_desirable).__name__}")
-    if labels_desirable.dtype != torch.bool:
-        raise TypeError(f"labels_desirable must be a bool tensor, got dtype {labels_desirable.dtype}")
-    if labels_desirable.shape != (B,):
-        raise ValueError(f"labels_desirable has shape {tuple(labels_desirable.shape)} but policy_logps has shape "
-                         f"({B},): shapes must match")
-    if labels_desirable.device != device:
-        raise ValueError(f"labels_desirable is on {labels_desirable.device} but policy_logps is on {device}: "
-                         "all inputs must be on one device")
-    beta = _check_real("beta", beta, positive=True)
-    wd = _check_real("desirable_weight", desirable_weight)
-    wu = _check_real("undesirable_weight", undesirable_weight)
-    if wd < 0 or wu < 0:
-        raise ValueError(f"desirable_weight and undesirable_weight must be >= 0, got {wd}, {wu}")
+    beta, wd, wu = check.kto_options(policy_logps, ref_logps, labels_desirable, kl_policy_logps, kl_ref_logps, beta,
+                                     desirable_weight, undesirable_weight, loss_type)
+    device = policy_logps.device
     ct = _compute_dtype(policy_logps, ref_logps)
     if loss_type == "kto":
-        if kl_policy_logps is None or kl_ref_logps is None:
-            raise ValueError("loss_type='kto' needs kl_policy_logps and kl_ref_logps (log-probs of mismatched "
-                             "prompt/completion pairs for the batch KL estimate)")
-        _check_tensor("kl_policy_logps", kl_policy_logps, device=device)
-        _check_tensor("kl_ref_logps", kl_ref_logps, P=kl_policy_logps.shape[0], device=device)
-        if kl_policy_logps.shape[0] == 0:
-            raise ValueError("kl_policy_logps is empty")
         kl = (kl_policy_logps.detach().to(ct) - kl_ref_logps.detach().to(ct)).mean().clamp(min=0)
     else:
         kl = torch.zeros((), dtype=ct, device=device)

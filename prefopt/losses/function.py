@@ -20,6 +20,7 @@ import importlib
 
 import torch
 
+from prefopt._backend import resolve
 from prefopt.losses.table import PairSpec, TorchOps, pair_terms, params_view
 
 _DIFF = ("pc", "pr", "rc", "rr")
@@ -47,11 +48,7 @@ def _import_kernels():
 
 
 def loss_impl(device):
-    """The backend implementation for tensors on `device`."""
-    try:
-        from prefopt._backend import resolve
-    except ImportError:  # pragma: no cover - the lead's module is missing
-        return _TorchBackend
+    """The backend implementation for tensors on `device`; an unavailable backend is an error, never a fallback."""
     backend = resolve(device)
     if backend == "triton":
         return _import_kernels()
