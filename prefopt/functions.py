@@ -47,7 +47,8 @@ def _outputs(stats, like):
 
 
 class LogprobsFromLogitsFunction(torch.autograd.Function):
-    """logits [n, V], labels [n] int64, params: HeadParams -> (logp [n], entropy [n] | empty, log_sum_p2 [n] | empty)."""
+    """logits [n, V], labels [n] int64, params: HeadParams
+    -> (logp [n], entropy [n] | empty, log_sum_p2 [n] | empty)."""
 
     @staticmethod
     def forward(ctx, logits, labels, params: HeadParams):
