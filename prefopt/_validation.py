@@ -23,7 +23,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # scalars
 # ------------------------------------------------------------------------------------------------------------
 def check_real(name, v, *, positive=False, nonzero=False, allow_none=False, allow_tensor=False, lo=None, hi=None):
-    """A finite real number (never a bool) as a float; 0-dim tensors too when `allow_tensor`."""
+    """A finite real number (never a bool) as a float; 0-dim tensors too when `allow_tensor`; in [lo, hi] when both
+    are given."""
     if v is None and allow_none:
         return None
     if allow_tensor and isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype != torch.bool and not v.is_meta:
@@ -37,7 +38,7 @@ def check_real(name, v, *, positive=False, nonzero=False, allow_none=False, allo
         raise ValueError(f"{name} must be > 0, got {v}")
     if nonzero and v == 0:
         raise ValueError(f"{name} must be non-zero, got {v}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
+    if lo is not None and hi is not None and not lo <= v <= hi:
         raise ValueError(f"{name} must be in [{lo:g}, {hi:g}], got {v}")
     return v
 
@@ -320,7 +321,8 @@ def check_pair_tensor(name, t, *, P=None, device=None, allow_int=False, allow_sc
     return t
 
 
-def _loss_names(loss_type):
+def loss_names(loss_type):
+    """-> the tuple of paired loss names in `loss_type` (a name or a list), checked against the loss table."""
     from prefopt.losses.table import DPO_LOSSES, REF_FREE_LOSSES, TABLE
     valid = DPO_LOSSES + REF_FREE_LOSSES
     names = [loss_type] if isinstance(loss_type, str) else loss_type
@@ -341,7 +343,7 @@ def loss_options(*, loss_type="sigmoid", beta=0.1, label_smoothing=0.0, loss_wei
                  bco_running_mean=None, simpo_gamma=0.5, cpo_alpha=None, has_policy_weights=False) -> LossOptions:
     """Checks and settles the options of `preference_loss` (same names and defaults) without any tensor."""
     from prefopt.losses.table import DIVERGENCES, DPO_LOSSES, REF_FREE_LOSSES, TABLE
-    names = _loss_names(loss_type)
+    names = loss_names(loss_type)
     family = {TABLE[n].family for n in names}
     if len(family) > 1:
         raise ValueError(f"loss_type {list(names)} mixes reference-based and reference-free losses "

@@ -73,13 +73,13 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, tem
     skips their recompute GEMM: faster, peak memory + at most the budget; results are identical with any budget.
     Default: $PREFOPT_LOGITS_CACHE_MB, else 256 MiB for CPU tensors and 0 for CUDA ones; 0 turns it off.
     """
-    hidden, weight, bias, labels, params = settle_linear(hidden, weight, labels, bias, ignore_index, temperature,
-                                                         softcap, logit_scale, chunk_size, logits_cache_mb,
-                                                         return_entropy, return_log_sum_p2)
+    hidden, weight, bias, labels, params = prepare_linear(hidden, weight, labels, bias, ignore_index, temperature,
+                                                          softcap, logit_scale, chunk_size, logits_cache_mb,
+                                                          return_entropy, return_log_sum_p2)
     return settled_linear_logprobs(hidden, weight, labels, bias, params)
 
 
-def settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size,
+def prepare_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size,
                   logits_cache_mb, return_entropy=False, return_log_sum_p2=False, names=("hidden", "weight", "bias")):
     """Autocast, check and settle one head call -> (hidden, weight, bias, int64 labels, HeadParams); no kernel runs."""
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
@@ -89,7 +89,7 @@ def settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softc
 
 
 def settled_linear_logprobs(hidden, weight, labels, bias, params: HeadParams):
-    """`linear_logprobs` on the output of `settle_linear`."""
+    """`linear_logprobs` on the output of `prepare_linear`."""
     n_features = hidden.shape[-1]
     flat_hidden = hidden.reshape(-1, n_features)
     flat_labels = labels.reshape(-1)

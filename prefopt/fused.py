@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from prefopt import _validation as check
-from prefopt.api import settle_linear, settled_linear_logprobs, settled_sequence_logps
+from prefopt.api import prepare_linear, settled_linear_logprobs, settled_sequence_logps
 from prefopt.losses.api import settled_preference_loss
 from prefopt.weights import ld_dpo_token_weights, wpo_pair_weights
 
@@ -45,11 +45,11 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
     # presence check (see check_loss_presence).
     head = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
                 chunk_size=chunk_size)
-    hidden, weight, bias, labels, policy = settle_linear(hidden, weight, labels, bias, logits_cache_mb=logits_cache_mb,
-                                                         return_log_sum_p2=use_weighting, **head)
+    hidden, weight, bias, labels, policy = prepare_linear(hidden, weight, labels, bias, logits_cache_mb=logits_cache_mb,
+                                                          return_log_sum_p2=use_weighting, **head)
     if live:
         # Detached, so its settled cache budget is 0: no backward comes through the reference head.
-        ref_hidden, ref_weight, ref_bias, _, ref_head = settle_linear(
+        ref_hidden, ref_weight, ref_bias, _, ref_head = prepare_linear(
             ref_hidden.detach(), ref_weight.detach(), labels, None if ref_bias is None else ref_bias.detach(),
             logits_cache_mb=0, names=("ref_hidden", "ref_weight", "ref_bias"), **head)
 

@@ -264,3 +264,11 @@ def test_loss_backend_unavailable_is_an_error_not_a_fallback(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with prefopt.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         prefopt.preference_loss(chosen, torch.zeros(P), torch.zeros(P), torch.zeros(P))
+
+
+def test_trainer_config_uses_the_one_loss_name_check():
+    """The trainer's config check calls prefopt/_validation.py (it used to fall back to its own list on ImportError)."""
+    from prefopt.trainer.config import PrefoptInputError, check_loss_names
+    check_loss_names(["sigmoid", "kto"])
+    with pytest.raises(PrefoptInputError, match=r"loss_type: loss_type lists \['ipo', 'ipo'\] with a repeated name"):
+        check_loss_names(["ipo", "ipo"])

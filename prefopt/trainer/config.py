@@ -249,26 +249,18 @@ def _loss_label_smoothing_ranges() -> dict:
 
 
 def check_loss_names(types):
-    """Reuse the loss module's validation, so the message lists the valid names the loss module knows."""
+    """Reuse the loss-name check of prefopt/_validation.py, so the message lists the names the loss table knows."""
     paired = [t for t in types if t not in KTO_LOSSES]
     if not paired:
         return
+    from prefopt._validation import loss_names
     try:
-        from prefopt.losses.api import _normalize_loss_types
-    except ImportError:  # pragma: no cover
-        _normalize_loss_types = None
-    if _normalize_loss_types is not None:
-        try:
-            _normalize_loss_types(paired)
-        except (TypeError, ValueError) as err:
-            msg = str(err).replace(" (unpaired KTO: prefopt.kto_loss)", "")
-            if "unknown loss_type" in msg:
-                msg += f"; for unpaired (KTO) data: {', '.join(KTO_LOSSES)}"
-            raise PrefoptInputError(f"loss_type: {msg}") from None
-        return
-    for name in paired:
-        if name not in valid_loss_names():
-            raise PrefoptInputError(f"unknown loss_type {name!r}; valid loss types: {', '.join(valid_loss_names())}")
+        loss_names(paired)
+    except (TypeError, ValueError) as err:
+        msg = str(err).replace(" (unpaired KTO: prefopt.kto_loss)", "")
+        if "unknown loss_type" in msg:
+            msg += f"; for unpaired (KTO) data: {', '.join(KTO_LOSSES)}"
+        raise PrefoptInputError(f"loss_type: {msg}") from None
 
 
 def load_config_file(path: str) -> dict:
