@@ -112,6 +112,24 @@ PREFOPT_HD double p_tanh(double x) {
   return std::tanh(x);
 #endif
 }
+// Products that must round exactly like every other evaluation of the same z. nvcc contracts a*b - c into one
+// FMA by default, which makes z[label] - max(z) the (possibly positive) rounding residual of z instead of 0;
+// __fmul_rn/__dmul_rn are never contracted. On the host the row kernels read z back from a buffer instead
+// (csrc/cpu/row_impl.h), because setup.py builds with -ffp-contract=fast.
+PREFOPT_HD float p_mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+PREFOPT_HD double p_mul(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
 template <typename T>
 PREFOPT_HD T p_max(T a, T b) { return a > b ? a : b; }
 template <typename T>
@@ -145,22 +163,22 @@ PREFOPT_HD Transform<acc_t> make_transform(double logit_scale, double softcap, d
 // z = transform(raw). kCap is the compile-time version of tf.has_cap (keeps the no-cap loop vectorizable).
 template <bool kCap, typename acc_t>
 PREFOPT_HD acc_t transform(const Transform<acc_t>& tf, acc_t raw) {
-  acc_t x = raw * tf.scale;
-  if (kCap) x = tf.cap * p_tanh(x * tf.inv_cap);
-  return x * tf.inv_temp;
+  acc_t x = p_mul(raw, tf.scale);
+  if (kCap) x = p_mul(tf.cap, p_tanh(x * tf.inv_cap));
+  return p_mul(x, tf.inv_temp);
 }
 
 // z = transform(raw) and *dz = dz/draw, sharing the tanh.
 template <bool kCap, typename acc_t>
 PREFOPT_HD acc_t transform_d(const Transform<acc_t>& tf, acc_t raw, acc_t* dz) {
-  acc_t x = raw * tf.scale;
+  acc_t x = p_mul(raw, tf.scale);
   if (kCap) {
     acc_t th = p_tanh(x * tf.inv_cap);
-    *dz = tf.dz0 * (acc_t(1) - th * th);
-    return tf.cap * th * tf.inv_temp;
+    *dz = tf.dz0 * (acc_t(1) - th * th);  // raw = +-inf: th = +-1, dz = 0 (eager's tanh backward gives 0 too)
+    return p_mul(p_mul(tf.cap, th), tf.inv_temp);
   }
   *dz = tf.dz0;
-  return x * tf.inv_temp;
+  return p_mul(x, tf.inv_temp);
 }
 
 // Runtime-dispatch convenience (scalar call sites: the label logit, CUDA kernels).
@@ -248,6 +266,11 @@ PREFOPT_HD LseState<acc_t> lse_merge(LseState<acc_t> a, LseState<acc_t> b) {
 
 template <typename acc_t>
 PREFOPT_HD acc_t lse_value(const LseState<acc_t>& st) { return st.m + p_log(st.s); }
+// log p of the entry z_label (rounded exactly like the z that set st.m): (z - m) - log s. z <= m and s >= 1
+// (the max contributes exp(0) = 1), so the result is <= 0 exactly, where z - lse can round above 0 when
+// |z| is large (temperature 1e-3) or V = 1. Non-finite rows: m = +inf or s = NaN -> NaN; all -inf -> NaN.
+template <typename acc_t>
+PREFOPT_HD acc_t lse_logp(const LseState<acc_t>& st, acc_t z_label) { return (z_label - st.m) - p_log(st.s); }
 template <typename acc_t>
 PREFOPT_HD acc_t lse_entropy(const LseState<acc_t>& st) { return p_log(st.s) - st.t / st.s; }
 template <typename acc_t>

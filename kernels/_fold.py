@@ -7,7 +7,10 @@
   ``s = sum exp(z - m)``, ``sz = sum exp(z - m) * (z - m)``, ``s2 = sum exp(2 (z - m))``.
   ``sz`` is kept relative to ``m`` (not ``sum exp*z``) so the entropy ``log s - sz / s`` has no
   cancellation between two numbers of the size of the logits (|z| ~ 1e4 stays exact in fp32).
+* ``label_logp``  : log p of the label entry from the state (<= 0 exactly).
 * ``dlogits``     : d(loss)/dz of one tile given lse/entropy and the two upstream gradients.
+Non-finite logits follow eager float64 log_softmax: -inf entries have p = 0 and add nothing (no 0 * -inf);
+a row holding +inf or NaN, or only -inf, folds to NaN statistics.
 """
 import triton
 import triton.language as tl
@@ -50,11 +53,16 @@ def block_stats(z, mask, AXIS: tl.constexpr, WANT_ENT: tl.constexpr, WANT_SQ: tl
     Every reduced row must hold at least one unmasked entry (the launchers guarantee it)."""
     zm = tl.where(mask, z, float("-inf"))
     m = tl.max(zm, axis=AXIS)
-    d = tl.where(mask, zm - tl.expand_dims(m, AXIS), 0.0)
+    # A row of the tile that is all -inf (masked vocabulary entries) has m = -inf: shift by 0 instead, so its
+    # entries give exp(-inf) = 0 (s = 0, the identity of ``merge``) and not exp(-inf - -inf) = NaN.
+    # tl.max drops NaN on some targets: a NaN entry still reaches s through exp(NaN - m).
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    d = tl.where(mask, zm - tl.expand_dims(shift, AXIS), 0.0)
     e = tl.where(mask, tl.exp(d), 0.0)
     s = tl.sum(e, axis=AXIS)
     if WANT_ENT:
-        sz = tl.sum(e * d, axis=AXIS)
+        # e * d with e = 0, d = -inf is an entry of probability 0: it adds 0, never 0 * -inf
+        sz = tl.sum(tl.where(e == 0.0, 0.0, e * d), axis=AXIS)
     else:
         sz = tl.zeros_like(s)
     if WANT_SQ:
@@ -95,6 +103,18 @@ def finish(m, s, sz, s2):
 
 
 @triton.jit
+def label_logp(z_label, m, s):
+    """log p of z_label, an entry of the folded row: (z_label - m) - log s, not z_label - lse.
+
+    z_label <= m and s >= 1 (the max contributes exp(0)), so it is <= 0, where z_label - lse rounds above 0 at
+    large |z| (temperature 1e-3) or V = 1. A GPU build may contract the transform's product into the subtraction
+    (FMA), leaving a rounding residual of either sign, so positive results are clamped (NaN passes: NaN > 0 is
+    false). Rows with +inf/NaN (m = +inf or s = NaN) or all -inf (m = -inf) give NaN, as log_softmax does."""
+    lp = (z_label - m) - tl.log(s)
+    return tl.where(lp > 0.0, 0.0, lp)
+
+
+@triton.jit
 def dlogits(z, is_label, lse, mean_z, g_logp, g_ent, HAS_ENT: tl.constexpr):
     """dL/dz of a tile: g_logp * (onehot - p) + g_ent * (-p * (z - mean_z)).
 
@@ -104,7 +124,8 @@ def dlogits(z, is_label, lse, mean_z, g_logp, g_ent, HAS_ENT: tl.constexpr):
     coef = g_logp
     if HAS_ENT:
         coef = coef + g_ent * (z - mean_z)
-    return tl.where(is_label, g_logp, 0.0) - p * coef
+    # p = 0 (z = -inf, a masked entry) contributes 0, never 0 * -inf; a NaN p (non-finite row) stays NaN
+    return tl.where(is_label, g_logp, 0.0) - tl.where(p == 0.0, 0.0, p * coef)
 
 
 def transform_args(logit_scale, softcap, temperature):

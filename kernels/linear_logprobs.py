@@ -28,7 +28,7 @@ import triton.language as tl
 
 from prefopt._types import RowStats
 
-from ._fold import dlogits, finish, fold, merge, to_acc, transform, transform_args
+from ._fold import dlogits, finish, fold, label_logp, merge, to_acc, transform, transform_args
 
 
 @triton.jit
@@ -124,7 +124,7 @@ def _linear_combine_kernel(part_ptr, logp_ptr, lse_ptr, ent_ptr, sq_ptr, N, n_sp
         z_label += tl.load(base + 4 * stride_k, mask=mask, other=0.0)
         m, s, sz, s2 = merge(m, s, sz, s2, mb, sb, szb, s2b)
     lse, ent, sq = finish(m, s, sz, s2)
-    tl.store(logp_ptr + rows, z_label - lse, mask=mask)
+    tl.store(logp_ptr + rows, label_logp(z_label, m, s), mask=mask)
     tl.store(lse_ptr + rows, lse, mask=mask)
     tl.store(ent_ptr + rows, ent, mask=mask)
     tl.store(sq_ptr + rows, sq, mask=mask)
@@ -165,7 +165,9 @@ def _linear_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, g_logp
     g_ent = to_acc(tl.load(g_ent_ptr + rows, mask=row_mask, other=0.0), USE_FP64)
     d = dlogits(z, cols[None, :] == labels[:, None], lse[:, None], mean_z[:, None], g_logp[:, None],
                 g_ent[:, None], True) * dz
-    d = tl.where(row_mask[:, None] & col_mask[None, :], d, 0.0)
+    # rows without upstream gradient add exactly 0 (p * 0 is NaN on a row holding +inf)
+    live = row_mask & ((g_logp != 0.0) | (g_ent != 0.0))
+    d = tl.where(live[:, None] & col_mask[None, :], d, 0.0)
     if HAS_BIAS:
         tl.atomic_add(gb_ptr + cols, tl.sum(d, axis=0), mask=col_mask, sem="relaxed")
     d_in = d.to(h_ptr.dtype.element_ty)

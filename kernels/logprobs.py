@@ -11,7 +11,7 @@ import triton.language as tl
 
 from prefopt._types import RowStats
 
-from ._fold import dlogits, finish, fold, to_acc, transform, transform_args
+from ._fold import dlogits, finish, fold, label_logp, to_acc, transform, transform_args
 
 
 @triton.jit
@@ -43,7 +43,7 @@ def _row_fwd_kernel(logits_ptr, stride_row, labels_ptr, logp_ptr, lse_ptr, ent_p
     valid = (label != ignore_index) & (label >= 0) & (label < V)
     raw_l = to_acc(tl.load(base + tl.where(valid, label, 0)), USE_FP64)
     z_l, _dz_l = transform(raw_l, scale, cap, inv_temp, HAS_SOFTCAP)
-    tl.store(logp_ptr + row, tl.where(valid, z_l - lse, 0.0))
+    tl.store(logp_ptr + row, tl.where(valid, label_logp(z_l, m, s), 0.0))
     tl.store(lse_ptr + row, lse)
     tl.store(ent_ptr + row, ent)
     tl.store(sq_ptr + row, sq)
@@ -73,13 +73,15 @@ def _row_bwd_kernel(logits_ptr, stride_row, out_ptr, stride_out, labels_ptr, lse
     else:
         mean_z = zero
         g_ent = zero
+    # no upstream gradient (every ignored row): exactly 0 whatever the row holds (p * 0 is NaN on a +inf row)
+    live = (g_logp != 0.0) | (g_ent != 0.0)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         mask = offs < V
         raw = to_acc(tl.load(base + offs, mask=mask, other=0.0), USE_FP64)
         z, dz = transform(raw, scale, cap, inv_temp, HAS_SOFTCAP)
         z = tl.where(mask, z, lse)  # padding lanes: keep exp finite (they are not stored)
-        g = dlogits(z, offs == label, lse, mean_z, g_logp, g_ent, HAS_ENT) * dz
+        g = tl.where(live, dlogits(z, offs == label, lse, mean_z, g_logp, g_ent, HAS_ENT) * dz, 0.0)
         tl.store(obase + offs, g.to(out_ptr.dtype.element_ty), mask=mask)
 
 

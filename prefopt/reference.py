@@ -28,7 +28,9 @@ def logprobs_from_logits_ref(logits, labels, *, ignore_index=-100, temperature=1
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     out = [logp]
     if return_entropy:
-        entropy = -(logsm.exp() * logsm).sum(-1)
+        # an entry of probability 0 (a -inf logit) adds 0 * log 0 = 0 to the entropy, and 0 to its gradient
+        prob = logsm.exp()
+        entropy = -(prob * torch.where(prob == 0, torch.zeros_like(logsm), logsm)).sum(-1)
         out.append(torch.where(valid, entropy, torch.zeros_like(entropy)))
     if return_log_sum_p2:
         log_sum_p2 = torch.logsumexp(2 * logsm, dim=-1)

@@ -25,6 +25,9 @@ void forward_rows(const scalar_t* __restrict__ logits, int64_t row_stride, int64
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* __restrict__ x = logits + r * row_stride;
     LseState<acc_t> st = pm::lse_init<acc_t>();
+    const int64_t lab = labels[r];
+    const bool has_label = lab != ignore_index && lab >= 0 && lab < V;
+    acc_t zl = pm::p_neg_inf<acc_t>();
     for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
       const int64_t nb = (V - b0) < kBlock ? (V - b0) : kBlock;
       const scalar_t* __restrict__ xb = x + b0;
@@ -35,6 +38,9 @@ void forward_rows(const scalar_t* __restrict__ logits, int64_t row_stride, int64
         zbuf[i] = z;
         mb = z > mb ? z : mb;
       }
+      // z[label] is read back from the buffer, not recomputed: the compiler may contract a recomputed
+      // raw * (1/T) into the later subtraction (FMA), and then z[label] - max(z) is not 0 at the argmax.
+      if (has_label && lab >= b0 && lab < b0 + nb) zl = zbuf[lab - b0];
       if (mb == pm::p_neg_inf<acc_t>()) continue;  // block entirely -inf: contributes nothing
       pm::lse_rescale(st, pm::p_max(st.m, mb));
       const acc_t m = st.m;
@@ -55,21 +61,17 @@ void forward_rows(const scalar_t* __restrict__ logits, int64_t row_stride, int64
     lse_out[r] = lse;
     if (ent_out) ent_out[r] = pm::lse_entropy(st);
     if (lsp2_out) lsp2_out[r] = pm::lse_log_sum_p2(st);
-    const int64_t lab = labels[r];
-    if (lab == ignore_index) {
-      logp[r] = acc_t(0);
-    } else if (lab < 0 || lab >= V) {
-      *bad_label = lab;
-      logp[r] = acc_t(0);
+    if (has_label) {
+      logp[r] = pm::lse_logp(st, zl);
     } else {
-      const acc_t zl = pm::transform<kCap>(tf, static_cast<acc_t>(x[lab]));
-      logp[r] = zl - lse;
+      if (lab != ignore_index) *bad_label = lab;
+      logp[r] = acc_t(0);
     }
   }
 }
 
-// Gradient wrt raw logits. `out` may alias `logits` (same dtype, same strides): every element is read
-// before it is written and the label element is recomputed from its raw value saved up front.
+// Gradient wrt raw logits. `out` may alias `logits` (same dtype, same strides): a block is read whole into the
+// buffers before any of it is written.
 template <typename scalar_t, typename out_t, typename acc_t, bool kCap>
 void backward_rows(const scalar_t* logits, int64_t row_stride, int64_t V, const int64_t* __restrict__ labels,
                    int64_t ignore_index, const Transform<acc_t> tf, const acc_t* __restrict__ lse_in,
@@ -77,6 +79,8 @@ void backward_rows(const scalar_t* logits, int64_t row_stride, int64_t V, const 
                    const acc_t* __restrict__ g_ent_in, out_t* out, int64_t out_row_stride, int64_t r0,
                    int64_t r1, int64_t* bad_label) {
   namespace pm = prefopt::math;
+  alignas(64) acc_t zbuf[kBlock];
+  alignas(64) acc_t dzbuf[kBlock];
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* x = logits + r * row_stride;
     out_t* o = out + r * out_row_stride;
@@ -95,18 +99,20 @@ void backward_rows(const scalar_t* logits, int64_t row_stride, int64_t V, const 
       for (int64_t i = 0; i < V; ++i) o[i] = static_cast<out_t>(0.f);
       continue;
     }
-    const int64_t lab_c = has_label ? lab : 0;  // V > 0: always a valid index
-    const acc_t raw_label = static_cast<acc_t>(x[lab_c]);  // read before the loop may overwrite it
+    // z goes through a buffer (as in the forward) so z - lse is formed from the same rounded z the forward
+    // folded: recomputed inline, raw * (1/T) - lse would be contracted into an FMA, and at temperature 1e-3 the
+    // argmax would get p = exp(rounding residual of z) != 1, a gradient error of |z| * eps / T.
+    for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+      const int64_t nb = (V - b0) < kBlock ? (V - b0) : kBlock;
+      const bool label_here = has_label && lab >= b0 && lab < b0 + nb;
 #pragma omp simd
-    for (int64_t i = 0; i < V; ++i) {
-      acc_t dz;
-      const acc_t z = pm::transform_d<kCap>(tf, static_cast<acc_t>(x[i]), &dz);
-      o[i] = static_cast<out_t>(pm::softmax_grad(z, lse, H, g_logp, g_ent) * dz);
-    }
-    if (has_label) {
-      acc_t dz;
-      const acc_t z = pm::transform_d<kCap>(tf, raw_label, &dz);
-      o[lab] = static_cast<out_t>(pm::elem_grad(z, dz, true, lse, H, g_logp, g_ent));
+      for (int64_t i = 0; i < nb; ++i) zbuf[i] = pm::transform_d<kCap>(tf, static_cast<acc_t>(x[b0 + i]), &dzbuf[i]);
+#pragma omp simd
+      for (int64_t i = 0; i < nb; ++i)
+        o[b0 + i] = static_cast<out_t>(pm::softmax_grad(zbuf[i], lse, H, g_logp, g_ent) * dzbuf[i]);
+      if (label_here) {  // zbuf holds z[label] even when out aliases logits
+        o[lab] = static_cast<out_t>(pm::elem_grad(zbuf[lab - b0], dzbuf[lab - b0], true, lse, H, g_logp, g_ent));
+      }
     }
   }
 }

@@ -88,7 +88,7 @@ __global__ void row_forward_kernel(const scalar_t* __restrict__ logits, int64_t 
     const int64_t lab = labels[row];
     logp[row] = (lab == ignore_index || lab < 0 || lab >= V)
                     ? acc_t(0)
-                    : pm::transform<kCap>(tf, to_acc(x[lab])) - lse;
+                    : pm::lse_logp(st, pm::transform<kCap>(tf, to_acc(x[lab])));  // <= 0 exactly
   }
 }
 

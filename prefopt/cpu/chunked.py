@@ -96,6 +96,12 @@ def _slope(raw, logit_scale, softcap, temperature):
     return slope if isinstance(slope, torch.Tensor) else torch.full_like(raw, slope)
 
 
+def _weighted(part_lse, part_mean_z, lse):
+    """exp(part_lse - lse) * part_mean_z, with 0 for a part of weight 0 (an all -inf block: its mean is NaN)."""
+    w = (part_lse - lse).exp()
+    return torch.where(w == 0, torch.zeros_like(w), w * part_mean_z)
+
+
 class ChunkedHead:
     """linear_forward / linear_backward (docs/design.md) on top of a row-ops module."""
 
@@ -124,7 +130,7 @@ class ChunkedHead:
         log_sum_p2 = torch.empty_like(logp) if want_sqsum else None
         for r0, r1 in _blocks(n_rows, rows_step):
             h_rows, lab_rows = hidden[r0:r1], labels[r0:r1]
-            run_lse = run_mean_z = run_lse2 = target = None
+            run_lse = run_mean_z = run_lse2 = label_logp = label_lse = None
             for v0, v1 in _blocks(vocab, vocab_step):
                 local, in_block = _local_labels(lab_rows, v0, v1)
                 raw = _tile(h_rows, weight[v0:v1], None if bias is None else bias[v0:v1])
@@ -138,21 +144,28 @@ class ChunkedHead:
                     run_mean_z = None if stats.entropy is None else stats.lse - stats.entropy
                     run_lse2 = None if stats.log_sum_p2 is None else stats.log_sum_p2 + 2 * stats.lse
                     break
-                block_target = stats.logp + stats.lse  # z[label] for rows whose label is in this block
-                target = torch.where(in_block, block_target, target if target is not None else block_target)
+                # the label's block: its log p within the block and the block's lse
+                label_logp = torch.where(in_block, stats.logp, label_logp if label_logp is not None else stats.logp)
+                label_lse = torch.where(in_block, stats.lse, label_lse if label_lse is not None else stats.lse)
                 block_mean_z = None if stats.entropy is None else stats.lse - stats.entropy
-                block_lse2 = None if stats.log_sum_p2 is None else stats.log_sum_p2 + 2 * stats.lse
+                block_lse2 = None
+                if stats.log_sum_p2 is not None:  # an all -inf block has lse2 = -inf (its log_sum_p2 is NaN)
+                    block_lse2 = torch.where(stats.lse == float("-inf"), stats.lse, stats.log_sum_p2 + 2 * stats.lse)
                 if run_lse is None:
                     run_lse, run_mean_z, run_lse2 = stats.lse, block_mean_z, block_lse2
                     continue
                 merged = torch.logaddexp(run_lse, stats.lse)
                 if want_entropy:  # E_p[z] over the union: weights of the two parts are exp(lse_part - lse)
-                    run_mean_z = (run_lse - merged).exp() * run_mean_z + (stats.lse - merged).exp() * block_mean_z
+                    run_mean_z = _weighted(run_lse, run_mean_z, merged) + _weighted(stats.lse, block_mean_z, merged)
                 if want_sqsum:
                     run_lse2 = torch.logaddexp(run_lse2, block_lse2)
                 run_lse = merged
             else:
-                target_logp = target - run_lse
+                # log p = log p_block - (lse - lse_block): <= 0 exactly (lse >= lse_block), where z_label - lse
+                # can round above 0. The label's block all -inf (a masked entry): -inf unless the row is.
+                target_logp = label_logp - (run_lse - label_lse)
+                masked = (label_lse == float("-inf")) & (run_lse > float("-inf"))
+                target_logp = torch.where(masked, torch.full_like(target_logp, float("-inf")), target_logp)
             logp[r0:r1] = target_logp
             lse[r0:r1] = run_lse
             if want_entropy:

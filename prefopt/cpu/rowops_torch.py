@@ -45,6 +45,23 @@ def _owned_tile(logits, start, stop, acc):
     return tile.to(acc, copy=True)
 
 
+def fold_stats(z):
+    """Per-row (m, s, t, s2) of z [n, V]: m = max z and, relative to it, s = sum e, t = sum e * (z - m),
+    s2 = sum e^2 with e = exp(z - m); the same state as csrc/prefopt_math.h and kernels/_fold.py.
+
+    Non-finite entries follow the float64 truth (eager log_softmax): -inf entries count 0 (never 0 * -inf), a
+    row that is all -inf has s = 0 (its lse -inf, its log-probs NaN), and a row holding +inf or NaN gets s = NaN
+    (torch.logsumexp would return lse = +inf there and log-probs of -inf, where the truth is NaN)."""
+    m = z.amax(dim=1)  # NaN propagates
+    shift = torch.where(m == float("-inf"), torch.zeros((), dtype=z.dtype, device=z.device), m)
+    d = z - shift[:, None]
+    e = d.exp()
+    s = e.sum(1)
+    t = torch.where(e == 0, torch.zeros((), dtype=z.dtype, device=z.device), e * d).sum(1)
+    s2 = (e * e).sum(1)
+    return m, s, t, s2
+
+
 def row_forward(logits, labels, ignore_index, logit_scale, softcap, temperature, want_entropy, want_sqsum):
     n_rows, vocab = logits.shape
     acc = acc_dtype(logits.dtype)
@@ -56,45 +73,55 @@ def row_forward(logits, labels, ignore_index, logit_scale, softcap, temperature,
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
     for start, stop in _slices(n_rows, vocab):
         z, _ = transform_with_slope(_owned_tile(logits, start, stop, acc), logit_scale, softcap, temperature)
-        row_lse = torch.logsumexp(z, dim=1)
-        lse[start:stop] = row_lse
+        m, s, t, s2 = fold_stats(z)
+        log_s = s.log()
+        lse[start:stop] = m + log_s
         target = z.gather(1, safe_labels[start:stop, None]).squeeze(1)
-        logp[start:stop] = torch.where(valid[start:stop], target - row_lse, torch.zeros_like(target))
+        # (z_label - max) - log s: <= 0 exactly (z_label <= max, s >= 1), where z_label - lse rounds above 0
+        # at large |z| (temperature 1e-3). An all -inf row gives -inf - (-inf) = NaN, as log_softmax does.
+        logp[start:stop] = torch.where(valid[start:stop], (target - m) - log_s, torch.zeros_like(target))
         if want_sqsum:
-            log_sum_p2[start:stop] = torch.logsumexp(2.0 * z, dim=1) - 2.0 * row_lse
+            log_sum_p2[start:stop] = s2.log() - 2.0 * log_s
         if want_entropy:
-            z_mean = (torch.softmax(z, dim=1) * z).sum(1)  # E_p[z]
-            entropy[start:stop] = row_lse - z_mean
+            entropy[start:stop] = log_s - t / s
     return RowStats(logp, lse, entropy, log_sum_p2)
 
 
 def row_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, logit_scale, softcap,
                  temperature, out=None):
+    """A row whose upstream gradients are both 0 (every ignored row) gets an exact 0 gradient whatever its logits
+    hold (as the C++ and Triton row ops): nothing it holds reaches an output, and p * 0 would be NaN for a
+    non-finite row."""
     n_rows, vocab = logits.shape
     acc = acc_dtype(logits.dtype)
     if out is None:
         out = torch.empty_like(logits)
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
-    g_logp = torch.where(valid, grad_logp.to(acc), torch.zeros((), dtype=acc, device=logits.device))
+    zero = torch.zeros((), dtype=acc, device=logits.device)
+    g_logp = torch.where(valid, grad_logp.to(acc), zero)
+    live = g_logp != 0
+    if grad_entropy is not None:
+        live = live | (grad_entropy != 0)
     for start, stop in _slices(n_rows, vocab):
         tile = logits[start:stop]
         in_place = out.data_ptr() == logits.data_ptr() and tile.dtype == acc
         owned = tile if in_place else tile.to(acc, copy=True)
         z, slope = transform_with_slope(owned, logit_scale, softcap, temperature)
         g_rows = g_logp[start:stop, None]
+        prob = (z - lse[start:stop, None]).exp()
         if grad_entropy is not None:
-            # dH/dz = -p (z - E_p[z]) with E_p[z] = lse - H, fused into one pass over the tile.
+            # dH/dz = -p (z - E_p[z]) with E_p[z] = lse - H
             z_mean = (lse[start:stop] - entropy[start:stop])[:, None]
             g_ent = grad_entropy[start:stop, None].to(acc)
-            prob = (z - lse[start:stop, None]).exp()
-            z.sub_(z_mean).mul_(g_ent).add_(g_rows).mul_(prob).neg_()
+            z.sub_(z_mean).mul_(g_ent).add_(g_rows)
         else:
-            z.sub_(lse[start:stop, None]).exp_().mul_(g_rows).neg_()
-        grad = z
+            z.copy_(g_rows.expand_as(z))
+        # p = 0 (a -inf entry, finite lse) contributes 0: never 0 * -inf. NaN p (non-finite row) stays NaN.
+        grad = torch.where(prob == 0, zero, z.mul_(prob)).neg_()
         grad.scatter_add_(1, safe_labels[start:stop, None], g_rows)
         if not isinstance(slope, float) or slope != 1.0:
             grad.mul_(slope)
-        if grad.data_ptr() != out[start:stop].data_ptr():
-            out[start:stop] = grad
+        grad.masked_fill_(~live[start:stop, None], 0)
+        out[start:stop] = grad
     return out
