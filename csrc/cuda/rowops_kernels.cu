@@ -111,8 +111,15 @@ __global__ void row_backward_kernel(const scalar_t* logits, int64_t row_stride, 
   const acc_t g_ent = g_ent_in ? g_ent_in[row] : acc_t(0);
   const acc_t H = ent_in ? ent_in[row] : acc_t(0);
   const acc_t lse = lse_in[row];
+  // No upstream gradient (every ignored row): exactly 0 whatever the row holds, as the CPU kernels
+  // (p * 0 would be NaN on a row holding +inf). Uniform per block: no divergence.
+  const bool live = g_logp != acc_t(0) || g_ent != acc_t(0);
   // Each element is read and written by the same thread, so out may alias logits.
   for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+    if (!live) {
+      o[i] = from_acc<out_t>(acc_t(0));
+      continue;
+    }
     acc_t dz;
     const acc_t z = pm::transform_d<kCap>(tf, to_acc(x[i]), &dz);
     o[i] = from_acc<out_t>(pm::elem_grad(z, dz, i == lab && has_label, lse, H, g_logp, g_ent));
