@@ -174,6 +174,23 @@ def test_nonfinite_rows_linear_head(backend, options):
         assert got[0][1].isnan() and torch.isfinite(got[0][[0, 2, 4]]).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_masked_vocab_block(backend, monkeypatch):
+    """A NaN weight row inside the -inf padded tail: that tail's vocabulary block (CPU head) or tile (Triton) holds
+    only -inf and NaN, and must make every row NaN as eager does, not be skipped as an all -inf block."""
+    import prefopt.cpu.chunked as chunked
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 3 * 128)
+    monkeypatch.setattr(chunked, "TARGET_ROWS", 3)
+    hidden, weight, bias, labels = _masked_head(300, slice(100, None))
+    with torch.no_grad():
+        weight[150] = float("nan")
+    with prefopt.use_backend(backend):
+        got = prefopt.linear_logprobs(hidden, weight, labels, bias, return_entropy=True)
+    want = linear_logprobs_ref(hidden, weight, labels, bias, return_entropy=True)
+    assert want[0].isnan().all()
+    _close(got, want, **F64)
+
+
 # ----------------------------------------------------------------------------------- temperature far from 1
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -41,7 +41,14 @@ void forward_rows(const scalar_t* __restrict__ logits, int64_t row_stride, int64
       // z[label] is read back from the buffer, not recomputed: the compiler may contract a recomputed
       // raw * (1/T) into the later subtraction (FMA), and then z[label] - max(z) is not 0 at the argmax.
       if (has_label && lab >= b0 && lab < b0 + nb) zl = zbuf[lab - b0];
-      if (mb == pm::p_neg_inf<acc_t>()) continue;  // block entirely -inf: contributes nothing
+      if (mb == pm::p_neg_inf<acc_t>()) {
+        // The max drops NaN: a block of only -inf and NaN must still make the row NaN (eager log_softmax does),
+        // while a block of only -inf contributes nothing. Rare path, so a scalar scan.
+        bool has_nan = false;
+        for (int64_t i = 0; i < nb; ++i) has_nan |= zbuf[i] != zbuf[i];
+        if (has_nan) st.s = std::numeric_limits<acc_t>::quiet_NaN();
+        continue;
+      }
       pm::lse_rescale(st, pm::p_max(st.m, mb));
       const acc_t m = st.m;
       acc_t s = 0, t = 0, s2 = 0;
