@@ -3,6 +3,11 @@
 One program per segment [cu_seqlens[s], cu_seqlens[s+1]); it walks its tokens in BLOCK tiles.
 Forward: out = sum(v * w) (/ count when averaging; 0 for an empty / fully masked segment),
 count = #tokens with w != 0. Backward: grad_v = grad_out[s] * w (/ count), 0 where count == 0.
+The forward accumulates in float64 for every input dtype and rounds once on the store: a float32 sum of 131072
+log-probs around -10 is then within one float32 spacing of the exact sum (a float32 accumulator is off by
+0.04 nats there). The sums run over tokens, not the vocabulary, so the float64 adds cost nothing next to the
+head. A token with weight 0 is left out (tl.where), not multiplied by 0, so -inf / NaN at masked positions never
+reach the sum. Torch twin: prefopt/cpu/segment_torch.py.
 """
 import torch
 import triton
@@ -13,22 +18,21 @@ from ._fold import to_acc
 
 @triton.jit
 def _segment_fwd_kernel(v_ptr, w_ptr, cu_ptr, out_ptr, cnt_ptr,
-                        HAS_W: tl.constexpr, AVERAGE: tl.constexpr, USE_FP64: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        HAS_W: tl.constexpr, AVERAGE: tl.constexpr, BLOCK: tl.constexpr):
     seg = tl.program_id(0)
     start = tl.load(cu_ptr + seg)
     end = tl.load(cu_ptr + seg + 1)
     offs0 = tl.arange(0, BLOCK)
-    zero = to_acc(tl.zeros((BLOCK,), tl.float32), USE_FP64)
+    zero = tl.zeros((BLOCK,), tl.float64)
     acc = zero
     cnt = zero
     for i in range(0, tl.cdiv(end - start, BLOCK)):
         offs = start + i * BLOCK + offs0
         mask = offs < end
-        v = to_acc(tl.load(v_ptr + offs, mask=mask, other=0.0), USE_FP64)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float64)
         if HAS_W:
-            w = to_acc(tl.load(w_ptr + offs, mask=mask, other=0.0), USE_FP64)
-            acc += v * w
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+            acc += tl.where(w != 0, v * w, 0.0)
             cnt += tl.where(w != 0, 1.0, 0.0)
         else:
             acc += v
@@ -37,8 +41,8 @@ def _segment_fwd_kernel(v_ptr, w_ptr, cu_ptr, out_ptr, cnt_ptr,
     count = tl.sum(cnt, axis=0)
     if AVERAGE:
         total = tl.where(count > 0, total / tl.maximum(count, 1.0), 0.0)
-    tl.store(out_ptr + seg, total)
-    tl.store(cnt_ptr + seg, count)
+    tl.store(out_ptr + seg, total.to(out_ptr.dtype.element_ty))
+    tl.store(cnt_ptr + seg, count.to(cnt_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -85,8 +89,7 @@ def segment_forward(values, weights, cu_seqlens, average):
     block, warps = _config(values.numel(), S)
     _segment_fwd_kernel[(S,)](
         values, values if weights is None else weights.contiguous(), cu_seqlens.contiguous(), out, counts,
-        HAS_W=weights is not None, AVERAGE=bool(average), USE_FP64=dt == torch.float64,
-        BLOCK=block, num_warps=warps)
+        HAS_W=weights is not None, AVERAGE=bool(average), BLOCK=block, num_warps=warps)
     return out, counts
 
 

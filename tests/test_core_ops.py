@@ -251,3 +251,64 @@ def test_linear_logprobs_under_autocast_runs_in_the_autocast_dtype(backend):
     for g, w, like in zip(got_grads, want_grads, (hidden, weight)):
         assert g.dtype == like.dtype == torch.float32
         torch.testing.assert_close(g, w.float(), atol=0, rtol=0)
+
+
+def _float32_spacing(x):
+    x = torch.tensor(abs(x), dtype=torch.float32)
+    return float(torch.nextafter(x, torch.tensor(float("inf"))) - x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_logps_long_sum_is_exact(backend):
+    # float32 log-probs around -10: a float32 accumulator is 0.04 (pairwise) to 8 nats (sequential) off at
+    # 131072 tokens, where the float32 spacing of the sum (~1.3e6) is 0.125. The sum must be the float64 sum
+    # rounded once (within one spacing), padded and packed, summed and averaged, masked or not.
+    n = 131072
+    gen = torch.Generator().manual_seed(7)
+    values = (-10.0 + 3.0 * torch.rand(2, n, generator=gen, dtype=torch.float64)).float()
+    mask = torch.rand(2, n, generator=gen) < 0.9
+    cu = torch.tensor([0, n, 2 * n])
+    with prefopt.use_backend(backend):
+        sums = prefopt.sequence_logps(values, mask)
+        packed = prefopt.sequence_logps(values.reshape(-1), cu_seqlens=cu)
+        means = prefopt.sequence_logps(values, mask, average=True)
+    exact = (values.double() * mask).sum(-1)
+    exact_packed = values.double().sum(-1)
+    exact_mean = exact / mask.sum(-1)
+    # Cancellation (a sum of per-token differences): two large terms of opposite sign around many small ones.
+    # Even a blocked float32 accumulator (the Triton kernel's lanes) loses the small terms next to the large one.
+    mixed = (-1e-3 * torch.rand(1, n, generator=gen, dtype=torch.float64)).float()
+    mixed[0, 0], mixed[0, -1] = 1e4, -1e4
+    with prefopt.use_backend(backend):
+        mixed_sum = prefopt.sequence_logps(mixed, torch.ones_like(mixed))
+    assert sums.dtype == packed.dtype == mixed_sum.dtype == torch.float32
+    for got, want in ((sums, exact), (packed, exact_packed), (means, exact_mean), (mixed_sum, mixed.double().sum(-1))):
+        for g, w in zip(got.tolist(), want.tolist()):
+            assert abs(g - w) <= _float32_spacing(w), (g, w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("as_weights", [False, True])
+def test_sequence_logps_masked_nonfinite_are_excluded(backend, as_weights):
+    # A masked position is left out of the sum, not multiplied by 0: -inf * 0 and NaN * 0 are NaN.
+    token_logps = torch.randn(2, 7, dtype=torch.float64)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, 5:] = False
+    mask[1, :2] = False
+    token_logps[0, 5], token_logps[0, 6], token_logps[1, 0], token_logps[1, 1] = (float("-inf"), float("nan"),
+                                                                                  float("nan"), float("-inf"))
+    token_logps.requires_grad_(True)
+    weights = mask.double() if as_weights else mask
+    clean = torch.where(mask, token_logps.detach(), 0.0)
+    for average in (False, True):
+        for dtype in (torch.float64, torch.float32):
+            values = token_logps.to(dtype)
+            with prefopt.use_backend(backend):
+                got = prefopt.sequence_logps(values, weights, average=average)
+                packed = prefopt.sequence_logps(values.reshape(-1), weights.reshape(-1),
+                                                cu_seqlens=torch.tensor([0, 7, 14]), average=average)
+            (grad,) = torch.autograd.grad(got.sum(), token_logps)
+            want = sequence_logps_ref(clean.to(dtype), mask, average=average)
+            torch.testing.assert_close(got, want)
+            torch.testing.assert_close(packed, want)
+            assert torch.all(torch.isfinite(grad)) and torch.all(grad[~mask] == 0)

@@ -18,17 +18,23 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+// Accumulates in double for every T and rounds once: a float32 sum of 131072 log-probs is then within one
+// float32 spacing of the exact sum (design.md "Segment sums"). The sums are over tokens, not the vocabulary, so
+// the double adds cost nothing next to the head. A token with weight 0 is skipped, not multiplied by 0, so
+// -inf / NaN at masked positions never reach the sum. Mirrors prefopt/cpu/segment_torch.py.
 template <typename T>
 __global__ void segment_forward_kernel(const T* __restrict__ v, const T* __restrict__ w,
                                        const int64_t* __restrict__ cu, bool average, T* __restrict__ out,
                                        T* __restrict__ counts) {
-  __shared__ T s_sum[kThreads / 32], s_cnt[kThreads / 32];
+  __shared__ double s_sum[kThreads / 32], s_cnt[kThreads / 32];
   const int64_t s = blockIdx.x, b = cu[s], e = cu[s + 1];
-  T acc = 0, cnt = 0;
+  double acc = 0, cnt = 0;
   for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) {
     const T wi = w ? w[i] : T(1);
-    acc += v[i] * wi;
-    cnt += wi != T(0) ? T(1) : T(0);
+    if (wi != T(0)) {
+      acc += static_cast<double>(v[i]) * static_cast<double>(wi);
+      cnt += 1.0;
+    }
   }
   acc = warp_sum(acc);
   cnt = warp_sum(cnt);
@@ -39,13 +45,13 @@ __global__ void segment_forward_kernel(const T* __restrict__ v, const T* __restr
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    T tot = 0, c = 0;
+    double tot = 0, c = 0;
     for (int k = 0; k < kThreads / 32; ++k) {
       tot += s_sum[k];
       c += s_cnt[k];
     }
-    counts[s] = c;
-    out[s] = average ? (c > T(0) ? tot / c : T(0)) : tot;
+    counts[s] = static_cast<T>(c);
+    out[s] = static_cast<T>(average ? (c > 0.0 ? tot / c : 0.0) : tot);
   }
 }
 
