@@ -37,9 +37,9 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
     check.check_forwarded_loss_options(loss_options)
     use_weighting = check.check_flag("use_weighting", use_weighting)
     ld_alpha = check.check_real("ld_alpha", ld_alpha, allow_none=True, lo=0.0, hi=1.0)
-    loss = check.loss_options(loss_type=loss_type, beta=beta, rpo_alpha=rpo_alpha, has_policy_weights=use_weighting,
+    options = check.loss_options(loss_type=loss_type, beta=beta, rpo_alpha=rpo_alpha, has_policy_weights=use_weighting,
                               **loss_options)
-    live = check.check_reference(ref_hidden, ref_weight, ref_chosen_logps, ref_rejected_logps, loss.ref_free,
+    live = check.check_reference(ref_hidden, ref_weight, ref_chosen_logps, ref_rejected_logps, options.ref_free,
                                  n_pairs, hidden.device)
     # Lengths and the per-pair chosen NLL sums come from the pass itself, so check_reference was the last
     # presence check (see check_loss_presence).
@@ -58,23 +58,32 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
     mask = (labels != ignore_index).to(token_logps.dtype)
     weights = mask if ld_alpha is None else ld_dpo_token_weights(mask, n_pairs, ld_alpha, cu_seqlens)
 
-    logps = settled_sequence_logps(token_logps, weights, cu_seqlens, False)
+    # Per-sequence sums in float64 (README "Dtypes"): the loss sees only policy - reference differences of
+    # 1-10 nats, which two float32 sums of ~1e5-1e6 (spacing up to 0.125 at 131072 tokens) cannot carry. The
+    # casts copy [N] token values, not logits; the gradient flows back to the float32 token log-probs.
+    exact_weights = weights.double()
+    logps = settled_sequence_logps(token_logps.double(), exact_weights, cu_seqlens, False)
     lengths = settled_sequence_logps(mask, None, cu_seqlens, False).detach()  # completion token counts
     # The NLL (sft / RPO / CPO / ORPO) is the plain token mean over chosen completions, even under LD-DPO.
-    plain = logps if ld_alpha is None else settled_sequence_logps(token_logps, mask, cu_seqlens, False)
+    plain = logps if ld_alpha is None else settled_sequence_logps(token_logps.double(), mask.double(), cu_seqlens,
+                                                                  False)
     chosen_nll = -plain[:n_pairs]
 
     if live:
         with torch.no_grad():
             ref_tokens = settled_linear_logprobs(ref_hidden, ref_weight, labels, ref_bias, ref_head)
-            ref_logps = settled_sequence_logps(ref_tokens, weights, cu_seqlens, False)
+            ref_logps = settled_sequence_logps(ref_tokens.double(), exact_weights, cu_seqlens, False)
         ref_chosen_logps, ref_rejected_logps = ref_logps[:n_pairs], ref_logps[n_pairs:]
 
     policy_weights = wpo_pair_weights(token_logps, log_sum_p2, mask, n_pairs, cu_seqlens) if use_weighting else None
 
-    return settled_preference_loss(loss, logps[:n_pairs], logps[n_pairs:], ref_chosen_logps, ref_rejected_logps,
-                                   chosen_lengths=lengths[:n_pairs], rejected_lengths=lengths[n_pairs:],
-                                   chosen_nll=chosen_nll, nll_lengths=lengths[:n_pairs], policy_weights=policy_weights)
+    loss, metrics = settled_preference_loss(options, logps[:n_pairs], logps[n_pairs:], ref_chosen_logps,
+                                            ref_rejected_logps, chosen_lengths=lengths[:n_pairs],
+                                            rejected_lengths=lengths[n_pairs:], chosen_nll=chosen_nll,
+                                            nll_lengths=lengths[:n_pairs], policy_weights=policy_weights)
+    # The loss keeps the dtype of the token log-probs (float32, or float64 for float64 inputs); the metrics stay
+    # float64, so rewards/margins are the exact log-ratios' differences.
+    return loss.to(token_logps.dtype), metrics
 
 
 # The DPO-named shortcut users of Liger / TRL look for.

@@ -210,3 +210,82 @@ def test_no_logits_sized_buffer_forward_or_backward(backend):
     assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
     n_tokens = 2 * pairs * length
     assert probe.largest <= TILE_ELEMENTS < n_tokens * vocab // 4, probe.largest
+
+
+def _available(name):
+    ok, _ = (prefopt._backend.cpp_status("cpu") if name == "cpp" else
+             prefopt._backend.triton_status("cpu") if name == "triton" else (True, ""))
+    return ok
+
+
+ALL_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _available(b), reason=f"{b} backend not available"))
+                for b in ("torch", "cpp", "triton")]
+
+
+def _long_pair(length, dtype=torch.float32, h=8, v=16):
+    """One pair of `length`-token sequences; policy = reference head + a small change, token log-probs around
+    -5..-10, so the per-sequence sums are ~1e5 and the log-ratios a few nats."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, length, h, generator=gen)
+    ref_weight = 2.0 * torch.randn(v, h, generator=gen)
+    weight = ref_weight + 0.02 * torch.randn(v, h, generator=gen)
+    labels = torch.randint(0, v, (2, length), generator=gen)
+    labels[:, :16] = -100
+    return (hidden.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True), labels,
+            hidden.to(dtype), ref_weight.to(dtype))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_long_sequence_float32_as_close_to_float64_truth_as_eager(backend):
+    # At 32768 tokens per sequence a float32 sum of the token log-probs is off by ~0.01-1 nat, the size of the
+    # log-ratio itself. The fused path forms the sums in float64, so its loss, margin and gradients must be at
+    # least as close to a float64 truth as eager float32 PyTorch (whose torch.sum is pairwise).
+    length = 4096 if backend == "triton" else 32768  # the Triton head runs under the interpreter here
+    hidden, weight, labels, ref_hidden, ref_weight = _long_pair(length)
+    case = dict(loss_type="sigmoid", beta=0.1)
+
+    def run(h, w, fused):
+        if fused:
+            with prefopt.use_backend(backend):
+                loss, metrics = prefopt.fused_linear_dpo_loss(h, w, labels, ref_hidden=ref_hidden.to(h.dtype),
+                                                              ref_weight=ref_weight.to(h.dtype), **case)
+        else:
+            # eager PyTorch in the inputs' dtype: materialised logits, masked torch.sum per sequence
+            mask = (labels != -100).to(h.dtype)
+            logps = (linear_logprobs_ref(h, w, labels) * mask).sum(1)
+            with torch.no_grad():
+                ref = (linear_logprobs_ref(ref_hidden.to(h.dtype), ref_weight.to(h.dtype), labels) * mask).sum(1)
+            loss = reference_dpo_loss(logps[:1], logps[1:], ref[:1], ref[1:], **case)
+            metrics = {"rewards/margins": case["beta"] * ((logps[0] - ref[0]) - (logps[1] - ref[1]))}
+        grads = torch.autograd.grad(loss, (h, w))
+        return [loss.double(), metrics["rewards/margins"].double()] + [g.double() for g in grads]
+
+    truth_h, truth_w = hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    truth = run(truth_h, truth_w, fused=False)
+    fused, eager = run(hidden, weight, fused=True), run(hidden, weight, fused=False)
+    names = ["loss", "rewards/margins", "grad hidden", "grad weight"]
+    for name, f, e, t in zip(names, fused, eager, truth):
+        err_fused, err_eager = float((f - t).abs().max()), float((e - t).abs().max())
+        assert err_fused <= err_eager, (name, err_fused, err_eager)
+        print(f"{backend} T={length} {name}: |fused - f64| {err_fused:.3g}, |eager f32 - f64| {err_eager:.3g}")
+        if name in ("loss", "rewards/margins"):  # gradients also carry float32 GEMM accumulation over 2T tokens
+            assert err_fused <= 1e-5 * max(1.0, float(t.abs().max())), (name, err_fused)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_long_sequence_log_ratios_within_1e3_of_float64(backend):
+    # 131072 tokens per sequence: the float32 spacing of a sum of ~-1e6 is 0.125, so the log-ratios the metrics
+    # report are only right if formed in float64.
+    length = 8192 if backend == "triton" else 131072
+    hidden, weight, labels, ref_hidden, ref_weight = _long_pair(length)
+    beta = 0.1
+    with torch.no_grad(), prefopt.use_backend(backend):
+        _, metrics = prefopt.fused_linear_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden,
+                                                   ref_weight=ref_weight, loss_type="sigmoid", beta=beta)
+    mask = labels != -100
+    ratio = ((linear_logprobs_ref(hidden.double(), weight.double(), labels)
+              - linear_logprobs_ref(ref_hidden.double(), ref_weight.double(), labels)) * mask).sum(1)
+    assert abs(float(metrics["rewards/chosen"].detach()) / beta - float(ratio[0])) <= 1e-3
+    assert abs(float(metrics["rewards/rejected"].detach()) / beta - float(ratio[1])) <= 1e-3
