@@ -4,6 +4,7 @@ Examples:
   python -m bench --quick                         # reference case + small V / token sweeps, < 3 min on 2 cores
   python -m bench                                 # the default grid (V up to 256k where memory allows)
   python -m bench --reference-only               # only the reference DPO case, both input kinds
+  python -m bench --long                          # one pair of 4k-64k-token sequences (+ V=128k), capped processes
   python -m bench --ops linear --tokens 1024 --hidden 1024 --vocab 32000 128000 --kinds lm
 """
 from __future__ import annotations
@@ -18,6 +19,9 @@ def _parser():
     p = argparse.ArgumentParser(prog="prefopt bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--quick", action="store_true", help="small grid (reference case included), < 3 min on 2 cores")
+    p.add_argument("--long", action="store_true", help="long-sequence set (bench/long.py): one pair, 4k/16k/64k tokens "
+                   "per sequence and a V=128k point, each implementation in its own process under --cap-gb")
+    p.add_argument("--cap-gb", type=float, default=8.0, help="--long: address-space cap (RLIMIT_AS) of each child")
     p.add_argument("--reference-only", action="store_true", help="only the benchmark reference DPO case")
     p.add_argument("--ops", nargs="+", choices=("logits", "linear", "dpo"),
                    help="custom grid: ops (with --tokens/--hidden/--vocab/--dtypes/--kinds)")
@@ -72,6 +76,9 @@ def main(argv=None) -> int:
     from bench.plots import write_plots
     from bench.report import environment, markdown, write_json
 
+    if args.long:
+        from bench.long import main_long
+        return main_long(args, lambda msg: print(msg, file=sys.stderr, flush=True))
     grid = build_grid(args)
     if args.list:
         for case in grid:

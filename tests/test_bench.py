@@ -75,3 +75,20 @@ def test_lm_inputs_are_calibrated():
     assert 1.0 <= ent <= 3.0
     ent_uniform = measured_entropy(build(Case("linear", 64, 64, 4096, "float32", "uniform")))
     assert ent_uniform > 7.0
+
+
+def test_long_sequence_set_quick(tmp_path):
+    # `--long --quick`: every implementation in its own capped child; prefopt's log-ratio error against the
+    # float64 truth is no larger than eager's, and a cap too small for anything is reported as out of memory.
+    rc = main(["--long", "--quick", "--out", str(tmp_path), "--no-plots"])
+    with open(tmp_path / "long.json") as f:
+        records = json.load(f)["records"]
+    by = {(r["impl"], r["T"]): r for r in records}
+    assert rc == 0 and "| prefopt |" in (tmp_path / "long.md").read_text()
+    for T in (256, 1024):
+        assert by[("prefopt", T)]["status"] == "ok" and by[("eager", T)]["status"] == "ok"
+        assert by[("prefopt", T)]["ratio_err"] <= max(by[("eager", T)]["ratio_err"], 1e-5)
+    assert by[("liger", 256)]["status"] == "skip"
+    from bench.long import _run_child
+    res, _ = _run_child(dict(T=256, H=16, V=64, threads=1, impl="eager", truth=False, cap_gb=0.05), str(tmp_path), 120)
+    assert res["status"] == "oom", res
