@@ -53,6 +53,7 @@ def main(argv=None):
     from prefopt.trainer.loop import train
 
     work = args.out or tempfile.mkdtemp(prefix="prefopt-long-")
+    os.makedirs(work, exist_ok=True)
     data = write_long_pairs(os.path.join(work, "long_pairs.jsonl"), args.length)
     cfg = TrainConfig(dataset=data, output_dir=os.path.join(work, "run"), max_length=args.length,
                       max_prompt_length=64, padding_free=True, gradient_checkpointing=True,
