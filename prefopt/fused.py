@@ -37,8 +37,8 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
     check.check_forwarded_loss_options(loss_options)
     use_weighting = check.check_flag("use_weighting", use_weighting)
     ld_alpha = check.check_real("ld_alpha", ld_alpha, allow_none=True, lo=0.0, hi=1.0)
-    options = check.loss_options(loss_type=loss_type, beta=beta, rpo_alpha=rpo_alpha, has_policy_weights=use_weighting,
-                              **loss_options)
+    options = check.loss_options(loss_type=loss_type, beta=beta, rpo_alpha=rpo_alpha,
+                                 has_policy_weights=use_weighting, **loss_options)
     live = check.check_reference(ref_hidden, ref_weight, ref_chosen_logps, ref_rejected_logps, options.ref_free,
                                  n_pairs, hidden.device)
     # Lengths and the per-pair chosen NLL sums come from the pass itself, so check_reference was the last
