@@ -27,8 +27,9 @@ def _rel(paths):
 
 def _packages():
     pkgs = find_packages(include=["prefopt", "prefopt.*"])
-    if os.path.isdir(os.path.join(ROOT, "kernels")):
-        pkgs.append("prefopt.kernels")
+    for sub in ("kernels", "bench"):  # top-level folders installed as prefopt.<sub> (pyproject package-dir)
+        if os.path.isdir(os.path.join(ROOT, sub)):
+            pkgs.append(f"prefopt.{sub}")
     return sorted(set(pkgs))
 
 

@@ -1,11 +1,13 @@
-"""`python -m bench` / `prefopt bench`: run the benchmark grid, print a markdown table, write JSON + PNGs.
+"""Run the benchmark grid, print a markdown table, write JSON + PNGs.
 
 Examples:
-  python -m bench --quick                         # reference case + small V / token sweeps, < 3 min on 2 cores
-  python -m bench                                 # the default grid (V up to 256k where memory allows)
-  python -m bench --reference-only               # only the reference DPO case, both input kinds
-  python -m bench --long                          # one pair of 4k-64k-token sequences (+ V=128k), capped processes
-  python -m bench --ops linear --tokens 1024 --hidden 1024 --vocab 32000 128000 --kinds lm
+  prefopt bench --quick                           # reference case + small V / token sweeps (see docs/bench.md)
+  prefopt bench                                   # the default grid (V up to 256k where memory allows)
+  prefopt bench --reference-only                  # only the reference DPO case, both input kinds
+  prefopt bench --long                            # one pair of 4k-64k-token sequences (+ V=128k), capped processes
+  prefopt bench --ops linear --tokens 1024 --hidden 1024 --vocab 32000 128000 --kinds lm
+
+`python -m bench ...` takes the same arguments from a source checkout's root.
 """
 from __future__ import annotations
 
@@ -15,10 +17,13 @@ import sys
 import time
 
 
-def _parser():
-    p = argparse.ArgumentParser(prog="prefopt bench", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--quick", action="store_true", help="small grid (reference case included), < 3 min on 2 cores")
+def _parser(prog=None):
+    summary, _, examples = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(prog=prog or ("python -m bench" if __package__ == "bench" else "prefopt bench"),
+                                description=summary, epilog=examples,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="small grid (reference case included); its duration on 2 cores is in docs/bench.md")
     p.add_argument("--long", action="store_true", help="long-sequence set (bench/long.py): one pair, 4k/16k/64k tokens "
                    "per sequence and a V=128k point, each implementation in its own process under --cap-gb")
     p.add_argument("--cap-gb", type=float, default=8.0, help="--long: address-space cap (RLIMIT_AS) of each child")
@@ -45,14 +50,15 @@ def _parser():
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (memory via torch.cuda.max_memory_allocated)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per case x implementation child")
-    p.add_argument("--out", default=None, help="output directory (default bench/results/)")
+    p.add_argument("--out", default=None, help="output directory (default: bench/results/ in a source checkout, "
+                   "./prefopt-bench-results/ otherwise)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--list", action="store_true", help="print the grid and the implementations, run nothing")
     return p
 
 
 def build_grid(args):
-    from bench import cases as C
+    from . import cases as C
     if args.ops or args.tokens or args.hidden or args.vocab:
         if not args.ops:
             raise SystemExit("custom grid: give --ops (with --tokens, --hidden, --vocab)")
@@ -69,15 +75,24 @@ def build_grid(args):
     return grid
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    from bench import cases as C
-    from bench.measure import run_grid, torch_device_type
-    from bench.plots import write_plots
-    from bench.report import environment, markdown, write_json
+def default_out_dir():
+    """bench/results/ beside the code in a source checkout; the working directory for an installed package,
+    whose folder may be read-only (site-packages)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isfile(os.path.join(os.path.dirname(here), "pyproject.toml")):
+        return os.path.join(here, "results")
+    return os.path.join(os.getcwd(), "prefopt-bench-results")
+
+
+def main(argv=None, prog=None) -> int:
+    args = _parser(prog).parse_args(argv)
+    from . import cases as C
+    from .measure import run_grid, torch_device_type
+    from .plots import write_plots
+    from .report import environment, markdown, write_json
 
     if args.long:
-        from bench.long import main_long
+        from .long import main_long
         return main_long(args, lambda msg: print(msg, file=sys.stderr, flush=True))
     grid = build_grid(args)
     if args.list:
@@ -91,7 +106,7 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("--device cuda: no CUDA device here", file=sys.stderr)
             return 2
-    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    out_dir = args.out or default_out_dir()
     os.makedirs(out_dir, exist_ok=True)
     repeats = args.repeats or (1 if args.quick else 3)
     start = time.perf_counter()

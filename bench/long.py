@@ -31,7 +31,7 @@ def long_cases(quick=False):
 
 def implementations():
     """[(name, ok, why)]: eager float32 PyTorch, prefopt (auto backend), TRL's chunked head, Liger."""
-    from bench.cases import liger_status, trl_status
+    from .cases import liger_status, trl_status
     trl_ok, trl_why = trl_status()
     liger_ok, liger_why = liger_status()
     return [("eager", True, ""), ("prefopt", True, ""), ("trl", trl_ok, trl_why),
@@ -75,7 +75,7 @@ def _step(impl, inp):
     elif impl == "trl":
         from trl.kernels import ChunkedLogProbFunction
 
-        from bench.cases import TRL_CHUNK
+        from .cases import TRL_CHUNK
 
         def seq(h, w):
             out = ChunkedLogProbFunction.apply(h.reshape(-1, h.shape[-1]), w, None, labels.clamp(min=0).reshape(-1),
@@ -101,7 +101,7 @@ def child(spec, out_path):
     result = dict(spec)
     try:
         import torch
-        from bench.measure import PeakMemory, _fixed_mmap_threshold
+        from .measure import PeakMemory, _fixed_mmap_threshold
         _fixed_mmap_threshold()
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])
@@ -133,10 +133,11 @@ def child(spec, out_path):
 def _run_child(spec, work, timeout):
     name = f"{spec['impl']}_{spec['T']}_{spec['H']}_{spec['V']}{'_truth' if spec['truth'] else ''}"
     out_path = os.path.join(work, name + ".json")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # `bench.long` from a source checkout's root, `prefopt.bench.long` from an installed package
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) if __package__ == "bench" else None
     try:
-        proc = subprocess.run([sys.executable, "-m", "bench.long", "--child", json.dumps(spec), out_path], cwd=root,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, "-m", f"{__package__}.long", "--child", json.dumps(spec), out_path],
+                              cwd=root, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return dict(spec, status="timeout", error=f"over {timeout} s"), None
     if not os.path.exists(out_path):  # killed without a word: under RLIMIT_AS that is an allocation failure
@@ -233,7 +234,7 @@ def plot(records, path):
 
 
 def main_long(args, log):
-    from bench.report import environment
+    from .report import environment
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()

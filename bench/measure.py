@@ -175,8 +175,8 @@ def _small_variants(case):
 def child_main(spec: dict, out_path: str) -> int:
     import torch
 
-    from bench import inputs as inputs_mod
-    from bench.cases import Case, Impl, build_step
+    from . import inputs as inputs_mod
+    from .cases import Case, Impl, build_step
 
     result = {"ok": False}
     gc.freeze()  # the imported modules' objects: keeps gc.collect() (before each measured step) cheap
@@ -316,8 +316,9 @@ def run_one(case, impl, *, device="cpu", repeats=3, timeout=600, threads=None, c
     return result
 
 
-PRELOAD = ["torch", "bench.cases", "bench.inputs", "bench.measure", "prefopt", "prefopt.fused", "prefopt._C",
-           "trl.kernels", "trl.trainer.utils", "liger_kernel.chunked_loss"]
+# the bench package is `bench` in a checkout (python -m bench) and `prefopt.bench` when installed
+PRELOAD = ["torch", f"{__package__}.cases", f"{__package__}.inputs", f"{__package__}.measure", "prefopt", "prefopt.fused",
+           "prefopt._C", "trl.kernels", "trl.trainer.utils", "liger_kernel.chunked_loss"]
 _CTX = None
 
 
@@ -328,9 +329,10 @@ def _context():
     global _CTX
     if _CTX is None:
         import multiprocessing as mp
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        if root not in sys.path:
-            sys.path.insert(0, root)
+        if __package__ == "bench":  # a checkout run from elsewhere: the fork server must find `bench` too
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            if root not in sys.path:
+                sys.path.insert(0, root)
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
         try:
             ctx = mp.get_context("forkserver")
@@ -379,7 +381,7 @@ def agreement(check_paths: dict, baseline: str = "eager"):
 def run_case(case, *, device="cpu", repeats=3, timeout=600, threads=None, impl_filter=None, warmup="full",
              log=print, gemm_cache=None, malloc="fixed", quick=False):
     """All implementations of one case. Returns a record for the JSON output."""
-    from bench.cases import implementations
+    from .cases import implementations
     record = {"case": case.to_dict(), "name": case.name, "impls": {}, "skipped": {}}
     tmpdir = tempfile.mkdtemp(prefix="prefopt-bench-check-")
     check_paths = {}

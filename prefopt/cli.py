@@ -5,7 +5,7 @@
     prefopt train --output_dir runs/x --resume   # continue runs/x from its newest checkpoint
     torchrun --nproc_per_node=2 -m prefopt train --output_dir runs/ddp
     prefopt plot runs/x                          # runs/x/metrics.png: loss, margins, accuracies vs step
-    prefopt bench [...]                          # the benchmark suite (bench package, repo checkout)
+    prefopt bench [--quick | --help]             # the benchmark suite (docs/bench.md)
     prefopt info                                 # which kernel backends are available here
 """
 from __future__ import annotations
@@ -104,15 +104,9 @@ def cmd_plot(argv):
 
 
 def cmd_bench(argv):
-    try:
-        import bench
-        from bench.__main__ import main as bench_main
-    except ImportError as err:
-        return _err("`prefopt bench` needs the `bench` package of a prefopt source checkout (run it from the "
-                    f"repository root, or `python -m bench`); it is not importable here ({err})", 1)
-    del bench
-    rc = bench_main(argv)
-    return int(rc or 0)
+    # bench/ ships inside the package as prefopt.bench (pyproject package-dir), so this works from any directory
+    from prefopt.bench.__main__ import main as bench_main
+    return int(bench_main(argv, prog="prefopt bench") or 0)
 
 
 def cmd_info(argv):

@@ -5,6 +5,8 @@ implementation that ran agrees with eager (loss, per-token / per-sequence log-pr
 """
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -97,3 +99,35 @@ def test_long_sequence_set_quick(tmp_path):
     fused, pt = _run_child(dict(spec, impl="prefopt"), str(tmp_path), 300)
     assert eager["status"] == "oom" and "allocate" in eager["error"], eager
     assert fused["status"] == "ok" and os.path.exists(pt), fused
+
+
+def _prefopt_command():
+    """The installed console script when it sits beside this interpreter (a venv), else `python -m prefopt`:
+    neither has the source checkout on sys.path when run from another directory."""
+    script = os.path.join(os.path.dirname(sys.executable), "prefopt")
+    return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "prefopt"]
+
+
+@pytest.mark.slow
+def test_prefopt_bench_runs_outside_the_checkout(tmp_path):
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(_prefopt_command() + ["bench", "--ops", "logits", "--tokens", "16", "--vocab", "128",
+                                                "--kinds", "lm", "--impls", "prefopt[torch]", "--repeats", "1",
+                                                "--no-plots", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    (rec,) = doc["records"]
+    assert {"eager", "prefopt[torch]"} <= set(rec["impls"]) and not rec.get("failed")
+    assert rec["impls"]["prefopt[torch]"]["agreement"]["loss"] <= TOL["loss"]
+
+
+def test_bench_help_names_its_command_and_describes_once():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout
+    assert text.startswith("usage: python -m bench")
+    assert text.count("Run the benchmark grid") == 1
+    from prefopt.bench.__main__ import _parser
+    assert _parser("prefopt bench").format_help().startswith("usage: prefopt bench")

@@ -153,14 +153,22 @@ class PrefoptDPOMixin:
         policy_weights = None
         if self.use_weighting:  # WPO (Eq. 2): per-pair product of exp(mean aligned token logp), no grad
             policy_weights = wpo_pair_weights(per_token, out.log_sum_sq_probs, label_mask, n_pairs)
-        loss, _ = prefopt.preference_loss(
-            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            loss_type=loss_types, beta=self.beta, label_smoothing=self.label_smoothing,
-            loss_weights=list(self.loss_weights), f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-            discopop_tau=getattr(self.args, "discopop_tau", 0.05), chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths, chosen_nll=chosen_nll, rpo_alpha=rpo_alpha,
-            policy_weights=policy_weights, bco_running_mean=0.0)  # TRL >= 1.0's bco_pair has no reward shift
+        common = dict(beta=self.beta, f_divergence_type=self.f_divergence_type,
+                      f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+                      discopop_tau=getattr(self.args, "discopop_tau", 0.05), chosen_lengths=chosen_lengths,
+                      rejected_lengths=rejected_lengths, policy_weights=policy_weights,
+                      bco_running_mean=0.0)  # TRL >= 1.0's bco_pair has no reward shift
+        loss = 0.0
+        for group_types, group_weights, label_smoothing in _trl_label_smoothing_groups(
+                loss_types, list(self.loss_weights), self.label_smoothing):
+            # rpo_alpha's NLL term is added once, with the first group
+            group_rpo, rpo_alpha = rpo_alpha, None
+            group_nll = chosen_nll if ("sft" in group_types or group_rpo is not None) else None
+            group_loss, _ = prefopt.preference_loss(
+                chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=group_types,
+                loss_weights=group_weights, label_smoothing=label_smoothing, chosen_nll=group_nll,
+                rpo_alpha=group_rpo, **common)
+            loss = loss + group_loss
 
         self._prefopt_log_metrics(mode, inputs, out, label_mask, n_pairs, chosen_logps, rejected_logps,
                                   ref_chosen_logps, ref_rejected_logps, logit_stats)
@@ -210,6 +218,23 @@ class PrefoptDPOMixin:
         metrics["rewards/margins"].append(acc.gather(chosen_rewards - rejected_rewards).mean().item())
         metrics["logps/chosen"].append(acc.gather(chosen_logps.detach()).mean().item())
         metrics["logps/rejected"].append(acc.gather(rejected_logps.detach()).mean().item())
+
+
+def _trl_label_smoothing_groups(loss_types, loss_weights, label_smoothing):
+    """Split a TRL loss list into (types, weights, label_smoothing) groups for `prefopt.preference_loss`.
+
+    TRL >= 1.0 reads `label_smoothing` in robust, exo_pair, aot and aot_unpaired but not in sigmoid, where
+    prefopt's loss table applies cDPO smoothing (a native, opt-in option). A drop-in reproduces TRL, so sigmoid
+    gets label_smoothing=0 in a group of its own whenever smoothing is on.
+    """
+    if not label_smoothing or "sigmoid" not in loss_types:
+        return [(loss_types, loss_weights, label_smoothing)]
+    plain = [(t, w) for t, w in zip(loss_types, loss_weights) if t == "sigmoid"]
+    rest = [(t, w) for t, w in zip(loss_types, loss_weights) if t != "sigmoid"]
+    groups = [([t for t, _ in plain], [w for _, w in plain], 0.0)]
+    if rest:
+        groups.append(([t for t, _ in rest], [w for _, w in rest], label_smoothing))
+    return groups
 
 
 class PrefoptDPOTrainer(PrefoptDPOMixin, DPOTrainer):
