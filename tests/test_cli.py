@@ -115,18 +115,29 @@ def test_info_and_help(capsys, monkeypatch):
     assert cli.main(["nope"]) == 2 and "unknown command" in capsys.readouterr().err
 
 
-def test_bench_dispatch(monkeypatch, capsys):
+def test_bench_dispatch(monkeypatch):
     import types
     calls = []
-    pkg = types.ModuleType("bench")
-    main_mod = types.ModuleType("bench.__main__")
-    main_mod.main = lambda argv: calls.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "bench", pkg)
-    monkeypatch.setitem(sys.modules, "bench.__main__", main_mod)
-    assert cli.main(["bench", "--quick"]) == 0 and calls == [["--quick"]]
-    monkeypatch.setitem(sys.modules, "bench", None)  # not importable
-    assert cli.main(["bench"]) == 1
-    assert "bench" in capsys.readouterr().err
+    main_mod = types.ModuleType("prefopt.bench.__main__")
+    main_mod.main = lambda argv, prog=None: calls.append((argv, prog)) or 0
+    monkeypatch.setitem(sys.modules, "prefopt.bench.__main__", main_mod)
+    assert cli.main(["bench", "--quick"]) == 0 and calls == [(["--quick"], "prefopt bench")]
+
+
+def test_every_train_flag_has_help():
+    from prefopt.trainer.config import build_arg_parser
+    bare = [a.dest for a in build_arg_parser()._actions
+            if a.option_strings and a.dest != "help" and not (a.help or "").split("(default:")[0].strip()]
+    assert not bare, f"flags without a description: {bare}"
+
+
+def test_progress_without_a_terminal_is_plain_lines(tmp_path, capsys):
+    """With stderr not a terminal (a log file, CI) no tqdm bar is drawn: only the step lines, one per log."""
+    argv = [a for a in TINY if a != "--disable_tqdm"]
+    rc, out, err = _train(capsys, *argv, "--output_dir", str(tmp_path / "run"))
+    assert rc == 0, err
+    assert "\r" not in out + err and "it/s" not in out + err and "s/it" not in out + err
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("step ")] == ["1", "2", "3"]
 
 
 def test_python_dash_m_prefopt(tmp_path):

@@ -1,8 +1,8 @@
 """TrainConfig: the trainer's settings, with TRL `DPOConfig` / `KTOConfig` names where TRL has one.
 
 Sources, later wins: dataclass defaults < `--config file.yaml|json` < command-line flags.
-The defaults are the embedded demo (tiny random Llama on the shipped sort-the-digits data, ~1 min on a
-laptop CPU); for a real model set at least `model`, `dataset`, `learning_rate` (TRL default: 1e-6).
+The defaults are the embedded demo (tiny random Llama on the shipped sort-the-digits data; its duration is in
+docs/bench.md, "Durations"); for a real model set at least `model`, `dataset`, `learning_rate` (TRL default: 1e-6).
 """
 from __future__ import annotations
 
@@ -52,22 +52,39 @@ class TrainConfig:
 
     # ---- loss (TRL DPOConfig / KTOConfig names) ----------------------------------------------------
     beta: float = 0.1
+    """Strength of the KL-to-reference term (DPO beta; IPO tau; ORPO lambda; KTO beta)."""
     loss_type: Union[str, list] = "sigmoid"
+    """Loss name or comma-separated list (TRL names: sigmoid, ipo, robust, ..., simpo, orpo, cpo; kto,
+    apo_zero_unpaired for unpaired rows)."""
     loss_weights: Optional[list] = None
+    """One weight per loss_type entry (comma-separated); default: 1 each."""
     label_smoothing: float = 0.0
+    """cDPO smoothing for sigmoid (prefopt-native; TRL 1.16 ignores it there), flip rate for robust, epsilon for
+    exo_pair, smoothing for aot / simpo / cpo."""
     rpo_alpha: Optional[float] = None
+    """RPO: adds rpo_alpha x the chosen completions' NLL to the loss (null: off)."""
     use_weighting: bool = False
+    """WPO: weight each pair by its length-normalised policy probabilities (TRL use_weighting)."""
     ld_alpha: Optional[float] = None
+    """LD-DPO: weight in [0, 1] of the log-probs past the length shared by chosen and rejected (null: off)."""
     f_divergence_type: str = "reverse_kl"
+    """f-DPO divergence: reverse_kl, forward_kl, js_divergence or alpha_divergence."""
     f_alpha_divergence_coef: float = 1.0
+    """alpha of alpha_divergence (1 = reverse KL)."""
     reference_free: bool = False
+    """Use zero reference log-probs instead of a reference model (no frozen copy is kept)."""
     desirable_weight: float = 1.0
+    """KTO: weight of the desirable examples' loss."""
     undesirable_weight: float = 1.0
+    """KTO: weight of the undesirable examples' loss."""
     temperature: float = 1.0
+    """Divide the logits by this before the log-softmax (policy and reference)."""
 
     # ---- data ------------------------------------------------------------------------------------------
     max_length: Optional[int] = 1024
+    """Maximum tokens of prompt + completion; completions are cut to fit (null: no limit)."""
     max_prompt_length: Optional[int] = 512
+    """Maximum prompt tokens, cut by truncation_mode (null: no limit)."""
     truncation_mode: str = "keep_end"
     """How an over-long prompt is cut: keep_end (drop its start, TRL default for prompts) or keep_start."""
     padding_free: bool = False
@@ -77,32 +94,53 @@ class TrainConfig:
 
     # ---- optimisation ----------------------------------------------------------------------------------
     learning_rate: float = 3e-3
+    """AdamW peak learning rate (the demo's 3e-3 suits the tiny model only; TRL's default is 1e-6)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     adam_beta1: float = 0.9
+    """AdamW beta1."""
     adam_beta2: float = 0.999
+    """AdamW beta2."""
     adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
     per_device_train_batch_size: int = 16
+    """Rows (pairs, or unpaired examples) per process per micro-batch."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
     num_train_epochs: float = 3.0
+    """Passes over the data (used when max_steps <= 0)."""
     max_steps: int = -1
+    """Optimizer steps to run; > 0 overrides num_train_epochs."""
     warmup_ratio: float = 0.1
+    """Fraction of the steps spent in linear LR warmup (used when warmup_steps is 0)."""
     warmup_steps: int = 0
+    """Linear LR warmup steps; > 0 overrides warmup_ratio."""
     max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (<= 0: no clipping)."""
     seed: int = 42
+    """Seed of the model init, the data order and dropout."""
     bf16: bool = False
+    """bf16 autocast for the forward (CPU or CUDA)."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward (HF gradient_checkpointing_enable)."""
     fsdp: bool = False
     """Shard the model with FSDP2 (fully_shard per decoder layer + root) across the torchrun processes instead of
     DistributedDataParallel; checkpoints are sharded (torch.distributed.checkpoint). See docs/trainer.md."""
     precompute_ref_log_probs: bool = False
+    """Compute the reference log-probs once before training, cache them in the run directory and free the reference
+    model."""
 
     # ---- logging / saving ------------------------------------------------------------------------------
     logging_steps: int = 5
+    """Log averaged metrics every N optimizer steps (metrics.jsonl and the console)."""
     save_steps: int = 0
     """Checkpoint every N optimizer steps (0: only at the end)."""
     save_total_limit: Optional[int] = 2
+    """Keep at most this many checkpoints (null: all)."""
     disable_tqdm: bool = False
+    """No progress bar (it is also off when stderr is not a terminal: logs get plain step lines)."""
     device: str = "auto"
+    """auto (CUDA if available, else CPU), cpu, cuda or cuda:N."""
     backend: Optional[str] = None
     """prefopt kernel backend (auto|triton|cpp|torch); default: PREFOPT_BACKEND or auto."""
 
@@ -340,7 +378,8 @@ def build_arg_parser(prog="prefopt train"):
     parser = argparse.ArgumentParser(
         prog=prog, argument_default=argparse.SUPPRESS,
         description="Train a causal LM with a DPO-family (or KTO) loss using prefopt's fused head. With no "
-                    "arguments: the embedded demo (tiny random Llama on the shipped data, ~1 min on CPU).")
+                    "arguments: the embedded demo (tiny random Llama on the shipped data, ~30 s on a 2-core CPU; "
+                    "docs/bench.md lists the measured durations).")
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings (flags override it)")
     docs = _field_docs()
     for f in dataclasses.fields(TrainConfig):

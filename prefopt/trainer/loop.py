@@ -452,7 +452,8 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         if hasattr(self.module, "save_pretrained"):
-            self.module.save_pretrained(tmp, state_dict=full)
+            with _quiet_hf_progress(not sys.stderr.isatty()):
+                self.module.save_pretrained(tmp, state_dict=full)
         elif full is not None:
             from safetensors.torch import save_file
             save_file({k: v.contiguous().clone() for k, v in full.items()}, os.path.join(tmp, "model.safetensors"))
@@ -526,7 +527,8 @@ class Trainer:
                   f"loss {cfg.loss_type}; world {self.world}; run dir {self.run_dir}"
                   + (f"; resuming at step {start_step}" if start_step else "")
                   + ("; reference logps from cache" if cached else ""), flush=True)
-            if not cfg.disable_tqdm:
+            # a bar redrawn with \r turns a log file into one interleaved line: plain step lines there
+            if not cfg.disable_tqdm and sys.stderr.isatty():
                 from tqdm.auto import tqdm
                 bar = tqdm(total=self.total_steps, initial=start_step, desc="train", dynamic_ncols=True)
         t0 = time.time()
@@ -673,6 +675,20 @@ def _average(records):
         out[k] = sum(vals) / len(vals)
     out["learning_rate"] = records[-1]["learning_rate"]
     return out
+
+
+@contextlib.contextmanager
+def _quiet_hf_progress(quiet):
+    """Turn off transformers' progress bars ("Writing model shards") where a bar would only clutter a log."""
+    from transformers.utils import logging as hf_logging
+    was_on = hf_logging.is_progress_bar_enabled()
+    if quiet and was_on:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _fmt(rec):
