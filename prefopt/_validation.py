@@ -480,7 +480,7 @@ def check_loss_tensors(opts: LossOptions, chosen_logps, rejected_logps, ref_chos
 
 
 def kto_options(policy_logps, ref_logps, labels_desirable, kl_policy_logps, kl_ref_logps, beta, desirable_weight,
-                undesirable_weight, loss_type):
+                undesirable_weight, loss_type, kl=None):
     """-> (beta, desirable_weight, undesirable_weight) as floats after checking every input of `kto_loss`."""
     if loss_type not in ("kto", "apo_zero_unpaired"):
         raise ValueError(f"unknown KTO loss_type {loss_type!r}; valid: kto, apo_zero_unpaired")
@@ -504,7 +504,9 @@ def kto_options(policy_logps, ref_logps, labels_desirable, kl_policy_logps, kl_r
     wu = check_real("undesirable_weight", undesirable_weight, allow_tensor=True)
     if wd < 0 or wu < 0:
         raise ValueError(f"desirable_weight and undesirable_weight must be >= 0, got {wd}, {wu}")
-    if loss_type == "kto":
+    if kl is not None:
+        check_precomputed_kl(kl, loss_type, kl_policy_logps, kl_ref_logps)
+    elif loss_type == "kto":
         if kl_policy_logps is None or kl_ref_logps is None:
             raise ValueError("loss_type='kto' needs kl_policy_logps and kl_ref_logps (log-probs of mismatched "
                              "prompt/completion pairs for the batch KL estimate)")
@@ -514,3 +516,49 @@ def kto_options(policy_logps, ref_logps, labels_desirable, kl_policy_logps, kl_r
         if kl_policy_logps.shape[0] == 0:
             raise ValueError("kl_policy_logps is empty")
     return beta, wd, wu
+
+
+def check_precomputed_kl(kl, loss_type, kl_policy_logps, kl_ref_logps):
+    """`kto_loss(kl=...)`: one precomputed batch KL (Liger's KTO form); returns it as a detached 0-dim tensor."""
+    if loss_type != "kto":
+        raise ValueError(f"kl is the KTO KL term; loss_type={loss_type!r} uses none (use loss_type='kto')")
+    if kl_policy_logps is not None or kl_ref_logps is not None:
+        raise ValueError("give the KL either precomputed (kl) or as kl_policy_logps + kl_ref_logps, not both")
+    if isinstance(kl, torch.Tensor):
+        if kl.dim() != 0 or not kl.dtype.is_floating_point:
+            raise ValueError(f"kl must be a float or a 0-dim float tensor (one KL for the batch), got shape "
+                             f"{tuple(kl.shape)}, dtype {kl.dtype}")
+        return kl.detach()
+    if isinstance(kl, bool) or not isinstance(kl, (int, float)) or not math.isfinite(kl):
+        raise ValueError(f"kl must be a finite float or a 0-dim tensor, got {kl!r}")
+    return torch.tensor(float(kl), dtype=torch.float64)
+
+
+# Liger's chunked-loss modules, the loss types each accepts (liger_kernel.chunked_loss, 0.8.x).
+LIGER_DPO_LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
+                        "apo_down", "discopop")
+
+
+def check_liger_inputs(name, _input, weight, target, *, use_ref_model=False, ref_input=None, ref_weight=None,
+                       loss_type=None, unpaired=False, preference_labels=None):
+    """The Liger call forms (prefopt.integrations.liger): [2P, T, H] / [B, T, H] input, [.., T] targets."""
+    check_tensor("_input", _input, floating=True, ndim_min=3)
+    check_tensor("target", target, integer=True)
+    if _input.dim() != 3 or tuple(target.shape) != tuple(_input.shape[:2]):
+        raise ValueError(f"{name}: _input must be [B, T, H] and target [B, T], got {tuple(_input.shape)} and "
+                         f"{tuple(target.shape)}")
+    if not unpaired and _input.shape[0] % 2:
+        raise ValueError(f"{name}: _input holds P chosen rows then P rejected rows, so its batch must be even, got "
+                         f"{_input.shape[0]}")
+    if loss_type is not None and loss_type not in LIGER_DPO_LOSS_TYPES:
+        raise ValueError(f"{name}: unsupported loss_type {loss_type!r}; Liger's DPO supports "
+                         f"{', '.join(LIGER_DPO_LOSS_TYPES)} (prefopt.fused_linear_preference_loss has them all)")
+    if use_ref_model and (ref_input is None or ref_weight is None):
+        raise ValueError(f"{name}: use_ref_model=True needs ref_input and ref_weight")
+    if use_ref_model and tuple(ref_input.shape[:2]) != tuple(_input.shape[:2]):
+        raise ValueError(f"{name}: ref_input shape {tuple(ref_input.shape)} must match _input {tuple(_input.shape)} "
+                         "except the feature dimension")
+    if unpaired:
+        if not isinstance(preference_labels, torch.Tensor) or preference_labels.dtype != torch.bool or \
+                tuple(preference_labels.shape) != (_input.shape[0],):
+            raise ValueError(f"{name}: preference_labels must be a bool tensor of shape ({_input.shape[0]},)")

@@ -4,11 +4,13 @@
   per-sequence log-probs of a causal LM without materialising its logits.
 * `prefopt.integrations.trl` - `PrefoptDPOTrainer` / `patch_dpo_trainer`: TRL's `DPOTrainer` on prefopt's
   fused path (one-line switch).
+* `prefopt.integrations.liger` - Liger-Kernel's chunked preference losses (DPO, ORPO, SimPO, CPO, KTO) with
+  Liger's names, argument order and return structure, on prefopt's fused head (swap one import).
 * `prefopt.integrations.tiny` - tiny random HF models and a local tokenizer (tests, examples, smoke runs).
 """
 import importlib
 
-__all__ = ["transformers", "trl", "tiny"]
+__all__ = ["transformers", "trl", "liger", "tiny"]
 
 
 def __getattr__(name):

@@ -165,21 +165,25 @@ def settled_preference_loss(opts: LossOptions, chosen_logps, rejected_logps, ref
 # unpaired KTO
 # ------------------------------------------------------------------------------------------------------------
 def kto_loss(policy_logps, ref_logps, labels_desirable, kl_policy_logps=None, kl_ref_logps=None, *,
-             beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto"):
+             beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto", kl=None):
     """Unpaired KTO loss (TRL KTOTrainer), mean over the B examples, and detached metrics.
 
     policy_logps, ref_logps: [B] completion log-prob sums; labels_desirable: bool [B];
     kl_policy_logps, kl_ref_logps: [B'] log-probs of the mismatched (prompt, completion) pairs; the batch KL estimate
-    mean(kl_policy - kl_ref) is detached and clamped at 0. Required for loss_type="kto"; loss_type=
-    "apo_zero_unpaired" uses no KL term (they are ignored).
+    mean(kl_policy - kl_ref) is detached and clamped at 0. Required for loss_type="kto" unless `kl` is given;
+    loss_type="apo_zero_unpaired" uses no KL term (they are ignored).
+    kl: the KL estimate precomputed (a float or 0-dim tensor, Liger's KTO `kl`), used as is: detached, not
+    clamped. Instead of kl_policy_logps / kl_ref_logps, for loss_type="kto" only.
     Per example: desirable  w_d * (1 - sigmoid(beta * (x - KL))),  undesirable  w_u * (1 - sigmoid(beta * (KL - x))),
     x = policy - ref.
     """
     beta, wd, wu = check.kto_options(policy_logps, ref_logps, labels_desirable, kl_policy_logps, kl_ref_logps, beta,
-                                     desirable_weight, undesirable_weight, loss_type)
+                                     desirable_weight, undesirable_weight, loss_type, kl)
     device = policy_logps.device
     ct = _compute_dtype(policy_logps, ref_logps)
-    if loss_type == "kto":
+    if kl is not None:
+        kl = torch.as_tensor(kl.detach() if isinstance(kl, torch.Tensor) else float(kl)).to(device=device, dtype=ct)
+    elif loss_type == "kto":
         kl = (kl_policy_logps.detach().to(ct) - kl_ref_logps.detach().to(ct)).mean().clamp(min=0)
     else:
         kl = torch.zeros((), dtype=ct, device=device)
