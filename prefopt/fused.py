@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from prefopt import _validation as check
+from prefopt._aux_outputs import paired_aux
 from prefopt.api import prepare_linear, settled_linear_logprobs, settled_sequence_logps
 from prefopt.losses.api import settled_preference_loss
 from prefopt.weights import ld_dpo_token_weights, wpo_pair_weights
@@ -19,7 +20,8 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
                                  ref_bias=None, ref_chosen_logps=None, ref_rejected_logps=None, cu_seqlens=None,
                                  ignore_index=-100, temperature=1.0, softcap=None, logit_scale=1.0, chunk_size=None,
                                  logits_cache_mb=None, loss_type="sigmoid", beta=0.1, ld_alpha=None,
-                                 use_weighting=False, rpo_alpha=None, **loss_options):
+                                 use_weighting=False, rpo_alpha=None, average_log_prob=False, nll_target=None,
+                                 return_aux=False, **loss_options):
     """DPO-family loss from the final hidden states, with the policy (and optional live reference) head fused.
 
     hidden [2P, T, H] / labels [2P, T] (label t is the token predicted from hidden t; prompt and padding
@@ -30,12 +32,20 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
     same fused pass; every other keyword goes to `prefopt.preference_loss` (TRL DPOConfig names).
     `logits_cache_mb` is the policy head's logits-tile budget (see `linear_logprobs`); the reference head runs
     without gradient and keeps nothing.
-    Returns (loss, metrics) as `preference_loss` does.
+    Liger's options: `average_log_prob=True` scores every loss type on per-sequence means instead of sums (the
+    length-normalising losses then divide by nothing more; a precomputed reference must then be means too);
+    `nll_target` (same layout as `labels`; its chosen rows are read) gives the NLL term its own targets, e.g.
+    prompt + completion for ORPO.
+    Returns (loss, metrics) as `preference_loss` does; with `return_aux=True`, (loss, aux) with Liger's aux
+    tuple: (chosen_logps [P], rejected_logps [P], chosen_logits_mean, rejected_logits_mean, nll_loss,
+    chosen_rewards [P], rejected_rewards [P]) (logits means of the untransformed head, over every position).
     """
     # Every check runs before the first head pass: a bad option must not cost up to five passes over the vocabulary.
     hidden, labels, ref_hidden, n_pairs = check.check_pair_layout(hidden, labels, cu_seqlens, ref_hidden)
     check.check_forwarded_loss_options(loss_options)
     use_weighting = check.check_flag("use_weighting", use_weighting)
+    average_log_prob = check.check_flag("average_log_prob", average_log_prob)
+    return_aux = check.check_flag("return_aux", return_aux)
     ld_alpha = check.check_real("ld_alpha", ld_alpha, allow_none=True, lo=0.0, hi=1.0)
     options = check.loss_options(loss_type=loss_type, beta=beta, rpo_alpha=rpo_alpha,
                                  has_policy_weights=use_weighting, **loss_options)
@@ -46,7 +56,12 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
     head = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
                 chunk_size=chunk_size)
     hidden, weight, bias, labels, policy = prepare_linear(hidden, weight, labels, bias, logits_cache_mb=logits_cache_mb,
-                                                          return_log_sum_p2=use_weighting, **head)
+                                                         return_log_sum_p2=use_weighting, **head)
+    if nll_target is not None:
+        split = n_pairs if cu_seqlens is None else int(cu_seqlens[n_pairs])
+        nll_target = check.check_nll_target(nll_target, labels, cu_seqlens)[:split]
+        nll_hidden, _, _, nll_target, nll_head = prepare_linear(hidden[:split], weight, nll_target, bias,
+                                                               logits_cache_mb=logits_cache_mb, **head)
     if live:
         # Detached, so its settled cache budget is 0: no backward comes through the reference head.
         ref_hidden, ref_weight, ref_bias, _, ref_head = prepare_linear(
@@ -61,29 +76,51 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
     # Per-sequence sums in float64 (README "Dtypes"): the loss sees only policy - reference differences of
     # 1-10 nats, which two float32 sums of ~1e5-1e6 (spacing up to 0.125 at 131072 tokens) cannot carry. The
     # casts copy [N] token values, not logits; the gradient flows back to the float32 token log-probs.
-    exact_weights = weights.double()
-    logps = settled_sequence_logps(token_logps.double(), exact_weights, cu_seqlens, False)
+    exact_tokens, exact_weights = token_logps.double(), weights.double()
+    logps = settled_sequence_logps(exact_tokens, exact_weights, cu_seqlens, average_log_prob)
     lengths = settled_sequence_logps(mask, None, cu_seqlens, False).detach()  # completion token counts
     # The NLL (sft / RPO / CPO / ORPO) is the plain token mean over chosen completions, even under LD-DPO.
-    plain = logps if ld_alpha is None else settled_sequence_logps(token_logps.double(), mask.double(), cu_seqlens,
-                                                                  False)
-    chosen_nll = -plain[:n_pairs]
+    plain = logps if ld_alpha is None and not average_log_prob else \
+        settled_sequence_logps(exact_tokens, mask.double(), cu_seqlens, False)
+    chosen_nll, nll_lengths = -plain[:n_pairs], lengths[:n_pairs]
+    if nll_target is not None:
+        nll_tokens = settled_linear_logprobs(nll_hidden, weight, nll_target, bias, nll_head)
+        keep = (nll_target != ignore_index).to(nll_tokens.dtype)
+        chosen_cu = None if cu_seqlens is None else cu_seqlens[:n_pairs + 1]
+        chosen_nll = -settled_sequence_logps(nll_tokens.double(), keep.double(), chosen_cu, False)
+        nll_lengths = settled_sequence_logps(keep, None, chosen_cu, False).detach()
+    seq_lengths = torch.ones_like(lengths) if average_log_prob else lengths  # means are already length-normalised
 
     if live:
         with torch.no_grad():
             ref_tokens = settled_linear_logprobs(ref_hidden, ref_weight, labels, ref_bias, ref_head)
-            ref_logps = settled_sequence_logps(ref_tokens.double(), exact_weights, cu_seqlens, False)
+            ref_logps = settled_sequence_logps(ref_tokens.double(), exact_weights, cu_seqlens, average_log_prob)
         ref_chosen_logps, ref_rejected_logps = ref_logps[:n_pairs], ref_logps[n_pairs:]
 
     policy_weights = wpo_pair_weights(token_logps, log_sum_p2, mask, n_pairs, cu_seqlens) if use_weighting else None
 
-    loss, metrics = settled_preference_loss(options, logps[:n_pairs], logps[n_pairs:], ref_chosen_logps,
-                                            ref_rejected_logps, chosen_lengths=lengths[:n_pairs],
-                                            rejected_lengths=lengths[n_pairs:], chosen_nll=chosen_nll,
-                                            nll_lengths=lengths[:n_pairs], policy_weights=policy_weights)
+    total, metrics = settled_preference_loss(options, logps[:n_pairs], logps[n_pairs:], ref_chosen_logps,
+                                             ref_rejected_logps, chosen_lengths=seq_lengths[:n_pairs],
+                                             rejected_lengths=seq_lengths[n_pairs:], chosen_nll=chosen_nll,
+                                             nll_lengths=nll_lengths, policy_weights=policy_weights)
     # The loss keeps the dtype of the token log-probs (float32, or float64 for float64 inputs); the metrics stay
     # float64, so rewards/margins are the exact log-ratios' differences.
-    return loss.to(token_logps.dtype), metrics
+    total = total.to(token_logps.dtype)
+    if not return_aux:
+        return total, metrics
+    # Liger's aux tuple in the token dtype; the rewards are formed from the float64 sums before that rounding.
+    chosen, rejected = logps[:n_pairs].detach(), logps[n_pairs:].detach()
+    if ref_chosen_logps is not None:
+        chosen_rewards = options.beta * (chosen - ref_chosen_logps.detach().to(chosen.dtype))
+        rejected_rewards = options.beta * (rejected - ref_rejected_logps.detach().to(chosen.dtype))
+    else:
+        chosen_rewards, rejected_rewards = options.beta * chosen, options.beta * rejected
+    chosen, rejected, chosen_rewards, rejected_rewards = (t.to(token_logps.dtype) for t in
+                                                          (chosen, rejected, chosen_rewards, rejected_rewards))
+    split = n_pairs if cu_seqlens is None else int(cu_seqlens[n_pairs])
+    nll = metrics.get("nll_loss", torch.zeros((), dtype=chosen.dtype, device=chosen.device))
+    return total, paired_aux(chosen, rejected, hidden[:split], hidden[split:], weight, bias, nll, chosen_rewards,
+                             rejected_rewards)
 
 
 # The DPO-named shortcut users of Liger / TRL look for.

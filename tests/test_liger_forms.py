@@ -244,3 +244,44 @@ def test_liger_form_errors():
         liger.LigerFusedLinearDPOLoss(loss_type="exo_pair")(w, x, target, b, x, w)
     with pytest.raises(ValueError, match="preference_labels"):
         liger.LigerFusedLinearKTOLoss()(x, w, target, b)
+
+
+# ------------------------------------------------------------------------ the same options on prefopt's native API
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "robust", "apo_zero"])
+def test_native_average_log_prob_and_return_aux(loss_type):
+    """`FusedLinearPreferenceLoss(average_log_prob=True, return_aux=True)`, refs positional: Liger's results."""
+    x, w, b, target = _inputs(seed=6)
+    rx, rw, rb = x * 0.9, w + 0.03, b
+    ls = 0.1 if loss_type == "robust" else 0.0
+    module = prefopt.nn.FusedLinearPreferenceLoss(loss_type=loss_type, beta=0.4, label_smoothing=ls,
+                                                  average_log_prob=True, return_aux=True)
+    xg, wg, bg = _leaves(x, w, b)
+    xr, wr, br = _leaves(x, w, b)
+    got = module(wg, xg, target, bg, rx, rw, rb)
+    want = _ref_paired("dpo", xr, wr, br, target, ref=(rx, rw, rb), beta=0.4, average=True, loss_type=loss_type,
+                       ls=ls)
+    _compare(got, want, [xg, wg, bg], [xr, wr, br])
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
+def test_native_average_log_prob_does_not_normalise_twice(loss_type):
+    x, w, b, target = _inputs(seed=7)
+    kw = dict(ref_hidden=x * 0.9, ref_weight=w, loss_type=loss_type, beta=0.2)
+    summed, _ = prefopt.fused_linear_preference_loss(x, w, target, bias=b, **kw)
+    averaged, _ = prefopt.fused_linear_preference_loss(x, w, target, bias=b, average_log_prob=True, **kw)
+    torch.testing.assert_close(averaged, summed, **TOL)
+
+
+def test_native_orpo_nll_target_matches_liger_form():
+    x, w, b, target = _inputs(seed=8)
+    nll_target = torch.randint(0, V, target.shape, generator=torch.Generator().manual_seed(3))
+    nll_target[:, 0] = -100
+    xg, wg, bg = _leaves(x, w, b)
+    loss, metrics = prefopt.fused_linear_preference_loss(xg, wg, target, bias=bg, loss_type="orpo", beta=0.3,
+                                                         nll_target=nll_target)
+    xr, wr, br = _leaves(x, w, b)
+    want = _ref_paired("orpo", xr, wr, br, target, beta=0.3, nll=True, average=True, nll_target=nll_target)
+    torch.testing.assert_close(loss, want[0], **TOL)
+    torch.testing.assert_close(metrics["nll_loss"], want[1][4].detach(), **TOL)
+    for a, c in zip(torch.autograd.grad(loss, [xg, wg, bg]), torch.autograd.grad(want[0], [xr, wr, br])):
+        torch.testing.assert_close(a, c, **TOL)

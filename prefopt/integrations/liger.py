@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 import prefopt
+from prefopt._aux_outputs import logits_sum, paired_aux
 from prefopt._validation import check_liger_inputs
 
 __all__ = ["LigerFusedLinearDPOLoss", "LigerFusedLinearORPOLoss", "LigerFusedLinearSimPOLoss",
@@ -54,16 +55,6 @@ def _reference_logps(ref_input, ref_weight, ref_bias, target, ignore_index, aver
         logps, _, _ = _sequence_logps(ref_input.detach(), ref_weight.detach(), target,
                                       None if ref_bias is None else ref_bias.detach(), ignore_index, average_log_prob)
     return logps
-
-
-@torch.no_grad()
-def _logits_sum(hidden, weight, bias):
-    """Sum of `hidden @ weight.T + bias` over every position and the vocabulary, without the logits."""
-    ct = torch.promote_types(hidden.dtype, torch.float32)
-    total = (hidden.to(ct) @ weight.to(ct).sum(0)).sum()
-    if bias is not None:
-        total = total + hidden.shape[0] * hidden.shape[1] * bias.to(ct).sum()
-    return total
 
 
 def _chosen_nll(hidden, weight, bias, target, nll_target, token_logps, mask, ignore_index, n_pairs):
@@ -103,9 +94,8 @@ def _paired(name, _input, weight, target, bias, *, ignore_index, beta, alpha, co
         chosen_rewards = beta * (chosen.detach() - ref[:n_pairs])
         rejected_rewards = beta * (rejected.detach() - ref[n_pairs:])
         loss = pref + alpha * nll if compute_nll_loss else pref
-    scale = n_pairs * _input.shape[1] * weight.shape[0]
-    aux = (chosen.detach(), rejected.detach(), _logits_sum(_input[:n_pairs], weight, bias) / scale,
-           _logits_sum(_input[n_pairs:], weight, bias) / scale, nll.detach(), chosen_rewards, rejected_rewards)
+    aux = paired_aux(chosen, rejected, _input[:n_pairs], _input[n_pairs:], weight, bias, nll, chosen_rewards,
+                     rejected_rewards)
     return loss, aux, metrics
 
 
@@ -165,8 +155,8 @@ def liger_fused_linear_kto(_input, weight, target, preference_labels, bias=None,
                                loss_type="kto" if kl is not None else "apo_zero_unpaired")
     lab = preference_labels
     rewards = beta * (logps.detach() - ref)
-    aux = (logps.detach()[lab].sum(), logps.detach()[~lab].sum(), _logits_sum(_input[lab], weight, bias),
-           _logits_sum(_input[~lab], weight, bias), rewards[lab].sum(), rewards[~lab].sum())
+    aux = (logps.detach()[lab].sum(), logps.detach()[~lab].sum(), logits_sum(_input[lab], weight, bias),
+           logits_sum(_input[~lab], weight, bias), rewards[lab].sum(), rewards[~lab].sum())
     return loss, aux
 
 
