@@ -317,8 +317,8 @@ def run_one(case, impl, *, device="cpu", repeats=3, timeout=600, threads=None, c
 
 
 # the bench package is `bench` in a checkout (python -m bench) and `prefopt.bench` when installed
-PRELOAD = ["torch", f"{__package__}.cases", f"{__package__}.inputs", f"{__package__}.measure", "prefopt", "prefopt.fused",
-           "prefopt._C", "trl.kernels", "trl.trainer.utils", "liger_kernel.chunked_loss"]
+PRELOAD = ["torch", f"{__package__}.cases", f"{__package__}.inputs", f"{__package__}.measure", "prefopt",
+           "prefopt.fused", "prefopt._C", "trl.kernels", "trl.trainer.utils", "liger_kernel.chunked_loss"]
 _CTX = None
 
 

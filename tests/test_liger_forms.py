@@ -107,8 +107,8 @@ def _compare(got, want, params_got, params_want):
 
 
 # ----------------------------------------------------------------------------------------------------- DPO
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
-                                       "apo_down", "discopop"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair",
+                                       "sppo_hard", "apo_zero", "apo_down", "discopop"])
 @pytest.mark.parametrize("average_log_prob", [False, True])
 def test_dpo_loss_types_and_average_log_prob(loss_type, average_log_prob):
     x, w, b, target = _inputs()
