@@ -172,7 +172,8 @@ def test_dpo_trainer_options_match_trl(tokenizer, dataset, tmp_path, config):
     dict(loss_type="sigmoid", label_smoothing=0.1),
     dict(loss_type=["sigmoid", "robust"], loss_weights=[1.0, 0.5], label_smoothing=0.1),
     dict(loss_type=["robust", "sigmoid", "sft"], loss_weights=[0.7, 1.0, 0.3], label_smoothing=0.2),
-], ids=["sigmoid", "sigmoid+robust", "robust+sigmoid+sft"])
+    pytest.param(dict(loss_type=["exo_pair", "aot", "sigmoid"], label_smoothing=0.1), marks=pytest.mark.slow),
+], ids=["sigmoid", "sigmoid+robust", "robust+sigmoid+sft", "exo+aot+sigmoid"])
 def test_label_smoothing_matches_trl(tokenizer, dataset, tmp_path, config):
     """TRL 1.16 ignores label_smoothing in sigmoid (and reads it in robust): the drop-in must too. cDPO
     smoothing on sigmoid moves the first-step gradient norm by 9-20%, far outside these tolerances."""
