@@ -534,6 +534,19 @@ def check_precomputed_kl(kl, loss_type, kl_policy_logps, kl_ref_logps):
     return torch.tensor(float(kl), dtype=torch.float64)
 
 
+def check_nll_target(nll_target, labels, cu_seqlens):
+    """`nll_target` of the fused loss (Liger's ORPO option): integer targets in the layout of `labels`."""
+    check_tensor("nll_target", nll_target, integer=True)
+    if cu_seqlens is not None:
+        nll_target = nll_target.reshape(-1)
+    if tuple(nll_target.shape) != tuple(labels.shape):
+        raise ValueError(f"nll_target shape {tuple(nll_target.shape)} must equal the labels' shape "
+                         f"{tuple(labels.shape)}")
+    if nll_target.device != labels.device:
+        raise ValueError(f"nll_target is on {nll_target.device} but labels are on {labels.device}")
+    return nll_target
+
+
 # Liger's chunked-loss modules, the loss types each accepts (liger_kernel.chunked_loss, 0.8.x).
 LIGER_DPO_LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
                         "apo_down", "discopop")
