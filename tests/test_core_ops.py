@@ -5,16 +5,9 @@ import torch
 import prefopt
 from prefopt import _backend
 from prefopt.reference import linear_logprobs_ref, logprobs_from_logits_ref, sequence_logps_ref
+from tests._backends import BACKENDS, CPU_BACKENDS
 
 
-def _available(name):
-    ok, _ = (_backend.cpp_status("cpu") if name == "cpp" else
-             _backend.triton_status("cpu") if name == "triton" else (True, ""))
-    return ok
-
-
-BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _available(b), reason=f"{b} backend not available"))
-            for b in ("torch", "cpp", "triton")]
 
 # bf16/fp16 inputs: math is fp32 inside, so the only error is the input rounding of the logits/hidden;
 # these bounds are on |prefopt - reference(fp32 math on the same rounded inputs)|.
@@ -102,7 +95,6 @@ def test_linear_logprobs_float64(backend, options, chunk_size):
         torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
 
 
-CPU_BACKENDS = [b for b in BACKENDS if b.values[0] != "triton"]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

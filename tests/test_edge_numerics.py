@@ -11,22 +11,13 @@ import pytest
 import torch
 
 import prefopt
-from prefopt import _backend
 from prefopt.reference import linear_logprobs_ref, logprobs_from_logits_ref
+from tests._backends import BACKENDS, CPU_BACKENDS
 
 INF = float("inf")
 F64 = dict(atol=1e-10, rtol=1e-10)
 
 
-def _available(name):
-    ok, _ = (_backend.cpp_status("cpu") if name == "cpp" else
-             _backend.triton_status("cpu") if name == "triton" else (True, ""))
-    return ok
-
-
-BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _available(b), reason=f"{b} backend not available"))
-            for b in ("torch", "cpp", "triton")]
-CPU_BACKENDS = [b for b in BACKENDS if b.values[0] != "triton"]
 
 OPTIONS = [pytest.param(dict(), id="plain"), pytest.param(dict(temperature=0.7), id="temp"),
            pytest.param(dict(softcap=5.0), id="softcap"),

@@ -8,6 +8,7 @@ import prefopt
 import prefopt._backend
 from prefopt.losses.reference import reference_cpo_loss, reference_dpo_loss
 from prefopt.reference import linear_logprobs_ref
+from tests._backends import BACKENDS
 
 P, T, H, V = 2, 6, 8, 37
 
@@ -212,16 +213,6 @@ def test_no_logits_sized_buffer_forward_or_backward(backend):
     assert probe.largest <= TILE_ELEMENTS < n_tokens * vocab // 4, probe.largest
 
 
-def _available(name):
-    ok, _ = (prefopt._backend.cpp_status("cpu") if name == "cpp" else
-             prefopt._backend.triton_status("cpu") if name == "triton" else (True, ""))
-    return ok
-
-
-ALL_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _available(b), reason=f"{b} backend not available"))
-                for b in ("torch", "cpp", "triton")]
-
-
 def _long_pair(length, dtype=torch.float32, h=8, v=16):
     """One pair of `length`-token sequences; policy = reference head + a small change, token log-probs around
     -5..-10, so the per-sequence sums are ~1e5 and the log-ratios a few nats."""
@@ -236,7 +227,7 @@ def _long_pair(length, dtype=torch.float32, h=8, v=16):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_long_sequence_float32_as_close_to_float64_truth_as_eager(backend):
     # At 32768 tokens per sequence a float32 sum of the token log-probs is off by ~0.01-1 nat, the size of the
     # log-ratio itself. The fused path forms the sums in float64, so its loss, margin and gradients must be at
@@ -274,7 +265,7 @@ def test_long_sequence_float32_as_close_to_float64_truth_as_eager(backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_long_sequence_log_ratios_within_1e3_of_float64(backend):
     # 131072 tokens per sequence: the float32 spacing of a sum of ~-1e6 is 0.125, so the log-ratios the metrics
     # report are only right if formed in float64.
