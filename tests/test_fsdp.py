@@ -118,7 +118,8 @@ def test_trainer_fsdp_matches_one_process(fsdp_run, tmp_path, monkeypatch):
     assert one[0]["loss"] != one[2]["loss"]  # the model moved: steps 2 and 3 test the sharded optimizer step too
     for a, b in zip(two, one):  # (margins are differences of near-equal rewards: compared through their parts)
         for key in ("loss", "logps/chosen", "logps/rejected", "rewards/chosen", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=REL), key
+            # abs: at step 1 the rewards are rounding noise (~1e-8) of policy == reference, not a signal
+            assert a[key] == pytest.approx(b[key], rel=REL, abs=1e-6), key
     for step in (1, 2, 3):
         g1 = torch.load(tmp_path / "grads" / f"grads-{step}.pt")
         g2 = torch.load(fsdp_run / "grads" / f"grads-{step}.pt")

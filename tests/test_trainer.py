@@ -169,8 +169,13 @@ def test_two_process_gloo_matches_one_process(tmp_path, per_rank):
     two, one = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
     assert len(two) == len(one) == 3
     for a, b in zip(two, one):
-        for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm"):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+        # An accuracy is the sign of each pair's margin; while the policy equals its reference (step 1) the
+        # margins are rounding noise (~1e-8) whose sign depends on how the batch is split, so it is compared
+        # only once the margins stand clear of that noise.
+        if abs(b["rewards/margins"]) > 1e-4:
+            assert a["rewards/accuracies"] == b["rewards/accuracies"]
 
 
 # ---- other losses, data and models ---------------------------------------------------------------------------

@@ -472,7 +472,11 @@ class Trainer:
         try:
             backend = prefopt.use_backend(self.cfg.backend) if self.cfg.backend else contextlib.nullcontext()
             with backend:
-                return self._train()
+                summary = self._train()
+            # every rank reaches this point: tearing the group down before the others finished their last
+            # collective (a checkpoint's) aborted a rank with "terminate called without an active exception"
+            self.dist.barrier()
+            return summary
         finally:
             self.dist.close()
 
