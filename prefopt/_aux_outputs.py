@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from prefopt.parallel.collectives import all_reduce_sum
+
 
 @torch.no_grad()
 def logits_sum(hidden, weight, bias=None):
@@ -18,12 +20,21 @@ def logits_sum(hidden, weight, bias=None):
 
 
 def paired_aux(chosen, rejected, chosen_hidden, rejected_hidden, weight, bias, nll, chosen_rewards,
-               rejected_rewards):
+               rejected_rewards, *, vocab_shard=None, sequence_group=None):
     """Liger's tuple: (chosen_logps [P], rejected_logps [P], chosen_logits_mean, rejected_logits_mean, nll_loss,
     chosen_rewards [P], rejected_rewards [P]); logits means over every position of the rows (padding included)
-    and the vocabulary, as Liger's."""
-    vocab = weight.shape[0]
-    return (chosen.detach(), rejected.detach(),
-            logits_sum(chosen_hidden, weight, bias) / (chosen_hidden[..., 0].numel() * vocab),
-            logits_sum(rejected_hidden, weight, bias) / (rejected_hidden[..., 0].numel() * vocab),
-            nll.detach(), chosen_rewards.detach(), rejected_rewards.detach())
+    and the vocabulary, as Liger's. Split heads: the logits sums add up over the vocabulary shards and the
+    sequence slices, the position counts over the sequence slices."""
+    vocab = weight.shape[0] if vocab_shard is None else vocab_shard.vocab
+    means = []
+    for hidden in (chosen_hidden, rejected_hidden):
+        total = logits_sum(hidden, weight, bias)
+        positions = torch.tensor(float(hidden[..., 0].numel()), dtype=total.dtype, device=total.device)
+        for group in (None if vocab_shard is None else vocab_shard.group, sequence_group):
+            if group is not None:
+                all_reduce_sum(total, group)
+        if sequence_group is not None:
+            all_reduce_sum(positions, sequence_group)
+        means.append(total / (positions * vocab))
+    return (chosen.detach(), rejected.detach(), *means, nll.detach(), chosen_rewards.detach(),
+            rejected_rewards.detach())

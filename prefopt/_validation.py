@@ -139,9 +139,10 @@ def settle_logprobs(logits, labels, ignore_index, temperature, softcap, logit_sc
 
 
 def settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size,
-                  logits_cache_mb, return_entropy, return_log_sum_p2, *, names=("hidden", "weight", "bias")
-                  ) -> HeadParams:
+                  logits_cache_mb, return_entropy, return_log_sum_p2, *, names=("hidden", "weight", "bias"),
+                  vocab=None) -> HeadParams:
     """Checks one linear head's inputs and settles its options; `names` let the fused loss report ref_* names.
+    `vocab`: the whole vocabulary's size when `weight` holds one shard of it (labels are global ids).
 
     The cache budget is 0 unless a backward will come (grad mode on and an input that requires grad)."""
     h_name, w_name, b_name = names
@@ -170,8 +171,8 @@ def settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softc
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
     budget = cache_budget_bytes(logits_cache_mb, hidden.device.type)
     will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return _settle_head(labels, weight.shape[0], ignore_index, temperature, softcap, logit_scale, return_entropy,
-                        return_log_sum_p2, chunk_size, budget if will_backward else 0)
+    return _settle_head(labels, weight.shape[0] if vocab is None else vocab, ignore_index, temperature, softcap,
+                        logit_scale, return_entropy, return_log_sum_p2, chunk_size, budget if will_backward else 0)
 
 
 def cache_budget_bytes(cache_mb=None, device_type="cpu") -> int:

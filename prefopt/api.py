@@ -6,6 +6,8 @@ import torch
 from prefopt import _validation as check
 from prefopt._options import HeadParams
 from prefopt.functions import LinearLogprobsFunction, LogprobsFromLogitsFunction, SegmentSumFunction
+from prefopt.parallel import VocabParallelLinearLogprobsFunction, check_group, sequence_parallel_sums, \
+    settle_vocab_shard
 
 
 def _pack_outputs(outputs, want_entropy, want_sqsum):
@@ -60,7 +62,7 @@ def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, 
 
 def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, temperature=1.0, softcap=None,
                     logit_scale=1.0, chunk_size=None, logits_cache_mb=None, return_entropy=False,
-                    return_log_sum_p2=False):
+                    return_log_sum_p2=False, vocab_parallel_group=None, vocab_start=None):
     """Fused `log_softmax(transform(hidden @ weight.T + bias)).gather(labels)` without the logits.
 
     hidden [..., H], weight [V, H], bias [V] | None, labels [...] (same leading shape as hidden).
@@ -72,23 +74,37 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, tem
     `logits_cache_mb` (CPU backends) lets the forward keep up to that many MiB of logits tiles so the backward
     skips their recompute GEMM: faster, peak memory + at most the budget; results are identical with any budget.
     Default: $PREFOPT_LOGITS_CACHE_MB, else 256 MiB for CPU tensors and 0 for CUDA ones; 0 turns it off.
+    `vocab_parallel_group` (a torch.distributed ProcessGroup; tensor parallelism of the head): `weight` and `bias`
+    hold this rank's contiguous vocabulary rows (ranks in group order, any split; or each rank gives
+    `vocab_start`), labels are global ids, and `hidden` and `labels` are the same on every rank. Every rank gets
+    the log-probs over the whole vocabulary, the gradient of its own weight rows and the full hidden-state
+    gradient; no rank holds the full weight or a full logits row.
     """
-    hidden, weight, bias, labels, params = prepare_linear(hidden, weight, labels, bias, ignore_index, temperature,
-                                                          softcap, logit_scale, chunk_size, logits_cache_mb,
-                                                          return_entropy, return_log_sum_p2)
-    return settled_linear_logprobs(hidden, weight, labels, bias, params)
+    hidden, weight, bias, labels, params, shard = prepare_linear(
+        hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size, logits_cache_mb,
+        return_entropy, return_log_sum_p2, vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start)
+    return settled_linear_logprobs(hidden, weight, labels, bias, params, shard)
 
 
 def prepare_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size,
-                  logits_cache_mb, return_entropy=False, return_log_sum_p2=False, names=("hidden", "weight", "bias")):
-    """Autocast, check and settle one head call -> (hidden, weight, bias, int64 labels, HeadParams); no kernel runs."""
+                  logits_cache_mb, return_entropy=False, return_log_sum_p2=False, names=("hidden", "weight", "bias"),
+                  vocab_parallel_group=None, vocab_start=None):
+    """Autocast, check and settle one head call -> (hidden, weight, bias, int64 labels, HeadParams, VocabShard |
+    None); no kernel runs. A vocabulary-parallel call settles its layout first (one all-gather on every rank), so
+    the labels are checked against the whole vocabulary."""
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
+    shard = None
+    if vocab_parallel_group is not None:
+        shard = settle_vocab_shard(vocab_parallel_group, weight, vocab_start)
+    elif vocab_start is not None:
+        raise ValueError("vocab_start needs vocab_parallel_group")
     params = check.settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale,
-                                 chunk_size, logits_cache_mb, return_entropy, return_log_sum_p2, names=names)
-    return hidden, weight, bias, labels.long(), params
+                                 chunk_size, logits_cache_mb, return_entropy, return_log_sum_p2, names=names,
+                                 vocab=None if shard is None else shard.vocab)
+    return hidden, weight, bias, labels.long(), params, shard
 
 
-def settled_linear_logprobs(hidden, weight, labels, bias, params: HeadParams):
+def settled_linear_logprobs(hidden, weight, labels, bias, params: HeadParams, shard=None):
     """`linear_logprobs` on the output of `prepare_linear`."""
     n_features = hidden.shape[-1]
     flat_hidden = hidden.reshape(-1, n_features)
@@ -112,9 +128,13 @@ def settled_linear_logprobs(hidden, weight, labels, bias, params: HeadParams):
         empty = zeros.new_empty(0)
         outputs = (connected, zeros if params.want_entropy else empty, zeros if params.want_sqsum else empty)
     else:
+        weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
         with torch.autocast(hidden.device.type, enabled=False):  # the backward must recompute the same tiles
-            outputs = LinearLogprobsFunction.apply(rows_hidden, weight.contiguous(),
-                                                   None if bias is None else bias.contiguous(), rows_labels, params)
+            if shard is None:
+                outputs = LinearLogprobsFunction.apply(rows_hidden, weight, bias, rows_labels, params)
+            else:
+                outputs = VocabParallelLinearLogprobsFunction.apply(rows_hidden, weight, bias, rows_labels, params,
+                                                                    shard)
         if not all_valid:
             outputs = tuple(o if o.numel() == 0 else
                             o.new_zeros(flat_labels.shape).index_copy(0, rows, o) for o in outputs)
@@ -122,19 +142,26 @@ def settled_linear_logprobs(hidden, weight, labels, bias, params: HeadParams):
     return _pack_outputs(shaped, params.want_entropy, params.want_sqsum)
 
 
-def sequence_logps(token_logps, mask=None, *, cu_seqlens=None, average=False):
+def sequence_logps(token_logps, mask=None, *, cu_seqlens=None, average=False, group=None):
     """Masked per-sequence sum (or mean over unmasked tokens) of per-token log-probs.
 
     Padded: token_logps [B, T] with mask [B, T] (bool, or float weights) -> [B].
     Packed (padding-free): token_logps [N] (or [1, N]) with cu_seqlens [S+1] -> [S].
     A fully masked sequence gives 0 with zero gradient. Float masks weight tokens (LD-DPO); the mean
     divides by the count of tokens with non-zero weight.
+    `group` (a torch.distributed ProcessGroup; sequence / context parallelism): each rank holds a slice of every
+    sequence's tokens (padded [B, T_local], or packed with the cu_seqlens of its slices, empty slices allowed).
+    The partial sums (float64) and counts are all-reduced, so every rank gets the sums over all slices, and
+    backpropagating gives each rank its own tokens' gradients (sum parameter gradients over the group yourself,
+    as for any data-parallel split).
     """
     check.check_sequence_inputs(token_logps, mask, cu_seqlens, average)
-    return settled_sequence_logps(token_logps, mask, cu_seqlens, average)
+    if group is not None:
+        check_group("group", group)
+    return settled_sequence_logps(token_logps, mask, cu_seqlens, average, group)
 
 
-def settled_sequence_logps(token_logps, mask, cu_seqlens, average):
+def settled_sequence_logps(token_logps, mask, cu_seqlens, average, group=None):
     """`sequence_logps` on inputs already checked by `check.check_sequence_inputs`."""
     acc = torch.float64 if token_logps.dtype == torch.float64 else torch.float32
     values = token_logps.reshape(-1).to(acc).contiguous()
@@ -142,4 +169,7 @@ def settled_sequence_logps(token_logps, mask, cu_seqlens, average):
     if cu_seqlens is None:
         batch, length = token_logps.shape
         cu_seqlens = torch.arange(batch + 1, device=token_logps.device, dtype=torch.int64) * length
-    return SegmentSumFunction.apply(values, weights, cu_seqlens.to(torch.int64).contiguous(), average)
+    cu_seqlens = cu_seqlens.to(torch.int64).contiguous()
+    if group is not None:
+        return sequence_parallel_sums(values, weights, cu_seqlens, average, group).to(acc)
+    return SegmentSumFunction.apply(values, weights, cu_seqlens, average)

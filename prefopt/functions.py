@@ -36,11 +36,19 @@ def head_impl(device):
     return _heads[backend]
 
 
-def _none_if_empty(t):
+def none_if_empty(t):
     return None if t is None or t.numel() == 0 else t
 
 
-def _outputs(stats, like):
+def head_call_kwargs(impl, params: HeadParams):
+    """The tile cache a head call may use (both its forward and its backward get it), as keyword arguments.
+    params.cache_bytes is 0 unless a backward will come; only heads that hold logits tiles can keep some."""
+    make_cache = getattr(impl, "cache_for", None)
+    tile_cache = make_cache(params.cache_bytes) if make_cache is not None and params.cache_bytes else None
+    return {} if tile_cache is None else {"tile_cache": tile_cache}
+
+
+def row_outputs(stats, like):
     empty = like.new_empty(0)
     return (stats.logp, empty if stats.entropy is None else stats.entropy,
             empty if stats.log_sum_p2 is None else stats.log_sum_p2)
@@ -58,7 +66,7 @@ class LogprobsFromLogitsFunction(torch.autograd.Function):
         ctx.params = params
         ctx.save_for_backward(logits, labels, stats.lse, stats.entropy)
         ctx.set_materialize_grads(False)
-        outputs = _outputs(stats, stats.lse)
+        outputs = row_outputs(stats, stats.lse)
         ctx.mark_non_differentiable(outputs[2])
         return outputs
 
@@ -69,7 +77,7 @@ class LogprobsFromLogitsFunction(torch.autograd.Function):
             return None, None, None
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
-        grad_entropy = _none_if_empty(grad_entropy)
+        grad_entropy = none_if_empty(grad_entropy)
         grad_logits = ctx.impl.row_backward(logits, labels, lse, entropy, grad_logp.contiguous(),
                                             None if grad_entropy is None else grad_entropy.contiguous(),
                                             *ctx.params.row_backward_args())
@@ -83,17 +91,14 @@ class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, params: HeadParams):
         impl = head_impl(hidden.device)
-        # params.cache_bytes is 0 unless a backward will come; only heads that hold logits tiles can keep some.
-        make_cache = getattr(impl, "cache_for", None)
-        tile_cache = make_cache(params.cache_bytes) if make_cache is not None and params.cache_bytes else None
-        kwargs = {} if tile_cache is None else {"tile_cache": tile_cache}
+        kwargs = head_call_kwargs(impl, params)
         stats = impl.linear_forward(hidden, weight, bias, labels, *params.linear_forward_args(), **kwargs)
         ctx.impl = impl
         ctx.backward_kwargs = kwargs
         ctx.params = params
         ctx.save_for_backward(hidden, weight, bias, labels, stats.lse, stats.entropy)
         ctx.set_materialize_grads(False)
-        outputs = _outputs(stats, stats.lse)
+        outputs = row_outputs(stats, stats.lse)
         ctx.mark_non_differentiable(outputs[2])
         return outputs
 
@@ -106,7 +111,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
             return None, None, None, None, None
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
-        grad_entropy = _none_if_empty(grad_entropy)
+        grad_entropy = none_if_empty(grad_entropy)
         grads = ctx.impl.linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp.contiguous(),
                                          None if grad_entropy is None else grad_entropy.contiguous(),
                                          *ctx.params.linear_backward_args(), needs, **ctx.backward_kwargs)
