@@ -60,7 +60,7 @@ def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, 
 
 def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, temperature=1.0, softcap=None,
                     logit_scale=1.0, chunk_size=None, logits_cache_mb=None, return_entropy=False,
-                    return_log_sum_p2=False):
+                    return_log_sum_p2=False, filter_eps=None):
     """Fused `log_softmax(transform(hidden @ weight.T + bias)).gather(labels)` without the logits.
 
     hidden [..., H], weight [V, H], bias [V] | None, labels [...] (same leading shape as hidden).
@@ -72,19 +72,30 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, tem
     `logits_cache_mb` (CPU backends) lets the forward keep up to that many MiB of logits tiles so the backward
     skips their recompute GEMM: faster, peak memory + at most the budget; results are identical with any budget.
     Default: $PREFOPT_LOGITS_CACHE_MB, else 256 MiB for CPU tensors and 0 for CUDA ones; 0 turns it off.
+    `filter_eps` (gradient filtering, as Cut Cross-Entropy): None or 0 (default) = exact backward; "auto" = 2**-12
+    for bf16/fp16 inputs and exact for fp32/fp64; a float > 0 = the backward skips the two GEMMs of every block of
+    (tokens x vocabulary entries) in which each entry's logit gradient is small,
+    |dL/dz_iv| <= filter_eps * G_i with G_i = |dL/dlogp_i| + |dL/dentropy_i| (z: the transformed logits).
+    Error bound (docs/design.md, "Gradient filtering"), with s = |logit_scale| / temperature:
+    |grad_hidden[i, k] - exact| <= filter_eps * s * G_i * sum_v |weight[v, k]|,
+    |grad_weight[v, k] - exact| <= filter_eps * s * sum_i G_i |hidden[i, k]|, and
+    |grad_bias[v] - exact| <= filter_eps * s * sum_i G_i (plus the rounding of a bf16/fp16 result).
+    `prefopt.filtering.skip_counter` counts the skipped blocks.
     """
     hidden, weight, bias, labels, params = prepare_linear(hidden, weight, labels, bias, ignore_index, temperature,
                                                           softcap, logit_scale, chunk_size, logits_cache_mb,
-                                                          return_entropy, return_log_sum_p2)
+                                                          return_entropy, return_log_sum_p2, filter_eps=filter_eps)
     return settled_linear_logprobs(hidden, weight, labels, bias, params)
 
 
 def prepare_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size,
-                  logits_cache_mb, return_entropy=False, return_log_sum_p2=False, names=("hidden", "weight", "bias")):
+                  logits_cache_mb, return_entropy=False, return_log_sum_p2=False, names=("hidden", "weight", "bias"),
+                  filter_eps=None):
     """Autocast, check and settle one head call -> (hidden, weight, bias, int64 labels, HeadParams); no kernel runs."""
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     params = check.settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale,
-                                 chunk_size, logits_cache_mb, return_entropy, return_log_sum_p2, names=names)
+                                 chunk_size, logits_cache_mb, return_entropy, return_log_sum_p2, names=names,
+                                 filter_eps=filter_eps)
     return hidden, weight, bias, labels.long(), params
 
 
