@@ -5,6 +5,7 @@ Examples:
   prefopt bench                                   # the default grid (V up to 256k where memory allows)
   prefopt bench --reference-only                  # only the reference DPO case, both input kinds
   prefopt bench --long                            # one pair of 4k-64k-token sequences (+ V=128k), capped processes
+  prefopt bench --filtering                       # fused-head backward, exact vs filter_eps (bench/filtering.py)
   prefopt bench --ops linear --tokens 1024 --hidden 1024 --vocab 32000 128000 --kinds lm
 
 `python -m bench ...` takes the same arguments from a source checkout's root.
@@ -26,6 +27,8 @@ def _parser(prog=None):
                    help="small grid (reference case included); its duration on 2 cores is in docs/bench.md")
     p.add_argument("--long", action="store_true", help="long-sequence set (bench/long.py): one pair, 4k/16k/64k tokens "
                    "per sequence and a V=128k point, each implementation in its own process under --cap-gb")
+    p.add_argument("--filtering", action="store_true", help="gradient filtering (bench/filtering.py): exact vs "
+                   "filtered backward of one head at V=128k; must come first, its options: --filtering --help")
     p.add_argument("--cap-gb", type=float, default=8.0, help="--long: address-space cap (RLIMIT_AS) of each child")
     p.add_argument("--reference-only", action="store_true", help="only the benchmark reference DPO case")
     p.add_argument("--ops", nargs="+", choices=("logits", "linear", "dpo"),
@@ -85,6 +88,11 @@ def default_out_dir():
 
 
 def main(argv=None, prog=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--filtering"]:  # its own options (bench/filtering.py)
+        from .filtering import main_filtering, parser
+        prog = prog or ("python -m bench" if __package__ == "bench" else "prefopt bench")
+        return main_filtering(parser(f"{prog} --filtering").parse_args(argv[1:]))
     args = _parser(prog).parse_args(argv)
     from . import cases as C
     from .measure import run_grid, torch_device_type

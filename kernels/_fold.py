@@ -9,6 +9,7 @@
   cancellation between two numbers of the size of the logits (|z| ~ 1e4 stays exact in fp32).
 * ``label_logp``  : log p of the label entry from the state (<= 0 exactly).
 * ``dlogits``     : d(loss)/dz of one tile given lse/entropy and the two upstream gradients.
+* ``negligible_tile`` : the gradient-filtering test of a backward tile (docs/design.md, "Gradient filtering").
 Non-finite logits follow eager float64 log_softmax: -inf entries have p = 0 and add nothing (no 0 * -inf);
 a row holding +inf or NaN, or only -inf, folds to NaN statistics.
 """
@@ -126,6 +127,15 @@ def dlogits(z, is_label, lse, mean_z, g_logp, g_ent, HAS_ENT: tl.constexpr):
         coef = coef + g_ent * (z - mean_z)
     # p = 0 (z = -inf, a masked entry) contributes 0, never 0 * -inf; a NaN p (non-finite row) stays NaN
     return tl.where(is_label, g_logp, 0.0) - tl.where(p == 0.0, 0.0, p * coef)
+
+
+@triton.jit
+def negligible_tile(grad, threshold):
+    """True when every entry of a [rows, cols] gradient tile (dL/draw) is negligible, |grad| <= threshold of its row
+    (docs/design.md, "Gradient filtering"; the CPU twin is prefopt/cpu/chunked.py `_kept_blocks`). A NaN entry is
+    never negligible, so a non-finite row keeps its tile and its NaN gradient."""
+    big = tl.where(tl.abs(grad) <= threshold[:, None], 0, 1)
+    return tl.max(tl.max(big, axis=1), axis=0) == 0
 
 
 def transform_args(logit_scale, softcap, temperature):

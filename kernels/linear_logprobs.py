@@ -21,6 +21,11 @@ logits = hidden @ weight.T (+ bias) never exist in global memory:
   the fp32 adds land in L2. Cost: the summation order (last bits) is not deterministic.
   The grid is swizzled in groups of GROUP_N token blocks so tiles sharing W/hidden slices run
   together (L2 reuse).
+  Gradient filtering (FILTER, a constexpr: the exact kernel is unchanged without it; docs/design.md,
+  "Gradient filtering"): once a program holds its dlogits tile it returns before any atomic when every
+  entry is negligible, |d| <= filter_scale * (|g_logp| + |g_ent|) of its row, so the tile's two H-long
+  products (nearly all of the backward's work after the recompute) are skipped; it adds 1 to an int64
+  counter on the way out (prefopt.filtering.skip_counter). The CPU twin is prefopt/cpu/chunked.py.
 """
 import torch
 import triton
@@ -28,7 +33,9 @@ import triton.language as tl
 
 from prefopt._types import RowStats
 
-from ._fold import dlogits, finish, fold, label_logp, merge, to_acc, transform, transform_args
+from prefopt.filtering import skip_counter
+
+from ._fold import dlogits, finish, fold, label_logp, merge, negligible_tile, to_acc, transform, transform_args
 
 
 @triton.jit
@@ -132,11 +139,11 @@ def _linear_combine_kernel(part_ptr, logp_ptr, lse_ptr, ent_ptr, sq_ptr, N, n_sp
 
 @triton.jit
 def _linear_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
-                       gh_ptr, gw_ptr, gb_ptr, N, V, H, stride_h, stride_w,
-                       logit_scale, softcap, temperature, need_gh, need_gw,
+                       gh_ptr, gw_ptr, gb_ptr, skipped_ptr, N, V, H, stride_h, stride_w,
+                       logit_scale, softcap, temperature, filter_scale, need_gh, need_gw,
                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_FP64: tl.constexpr,
                        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                       BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr):
+                       BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr, FILTER: tl.constexpr):
     # swizzled tile order: GROUP_N token blocks x all vocab blocks, token index fastest
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
@@ -168,6 +175,10 @@ def _linear_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, g_logp
     # rows without upstream gradient add exactly 0 (p * 0 is NaN on a row holding +inf)
     live = row_mask & ((g_logp != 0.0) | (g_ent != 0.0))
     d = tl.where(live[:, None] & col_mask[None, :], d, 0.0)
+    if FILTER:
+        if negligible_tile(d, filter_scale * (tl.abs(g_logp) + tl.abs(g_ent))):
+            tl.atomic_add(skipped_ptr, 1, sem="relaxed")
+            return
     if HAS_BIAS:
         tl.atomic_add(gb_ptr + cols, tl.sum(d, axis=0), mask=col_mask, sem="relaxed")
     d_in = d.to(h_ptr.dtype.element_ty)
@@ -272,7 +283,7 @@ def linear_forward(hidden, weight, bias, labels, logit_scale, softcap, temperatu
 
 
 def linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, logit_scale, softcap,
-                    temperature, chunk_size=None, needs_input_grad=(True, True, True)):
+                    temperature, chunk_size=None, filter_eps=None, needs_input_grad=(True, True, True)):
     hidden, weight = _rowmajor(hidden), _rowmajor(weight)
     n, H = hidden.shape
     V = weight.shape[0]
@@ -297,14 +308,21 @@ def linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_
         bn, bv, bk, warps = _config(hidden.dtype, backward=True)
         grid = (triton.cdiv(n, bn) * triton.cdiv(V, bv),)
         dummy = gh if gh is not None else gw if gw is not None else gb
+        labels = labels.contiguous()
+        # filtering: a negligible entry has |dL/draw| <= filter_eps * |logit_scale| / temperature * (|g_logp| + |g_ent|)
+        filtering = filter_eps is not None
+        skipped = torch.zeros(1, dtype=torch.int64, device=dev) if filtering else labels  # an unread int64 dummy
+        filter_scale = filter_eps * abs(scale) / temp if filtering else 0.0
         _linear_bwd_kernel[grid](
-            hidden, weight, hidden if bias is None else bias.contiguous(), labels.contiguous(), lse.contiguous(),
+            hidden, weight, hidden if bias is None else bias.contiguous(), labels, lse.contiguous(),
             entropy.contiguous(), grad_logp.contiguous(), grad_entropy.contiguous(),
-            dummy if gh is None else gh, dummy if gw is None else gw, dummy if gb is None else gb,
-            n, V, H, hidden.stride(0), weight.stride(0), scale, cap, temp, int(need_h), int(need_w),
+            dummy if gh is None else gh, dummy if gw is None else gw, dummy if gb is None else gb, skipped,
+            n, V, H, hidden.stride(0), weight.stride(0), scale, cap, temp, filter_scale, int(need_h), int(need_w),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=has_cap, USE_FP64=fp64,
             DOT_PREC=_dot_prec(hidden.dtype), UPCAST=_upcast(hidden), BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
-            GROUP_N=8, num_warps=warps)
+            GROUP_N=8, FILTER=filtering, num_warps=warps)
+        if filtering:
+            skip_counter.add(skipped, grid[0])  # stays on the device until read
 
     def cast(g, like):
         return None if g is None else (g if g.dtype == like.dtype else g.to(like.dtype))

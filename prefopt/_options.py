@@ -1,7 +1,8 @@
 """The settled options that travel from the public edge to the backends, one frozen object per call.
 
 `prefopt/_validation.py` checks what the user passed and resolves every default (softcap=0 -> None, the logits
-cache budget from the argument / $PREFOPT_LOGITS_CACHE_MB / the device default, whether a backward will come)
+cache budget from the argument / $PREFOPT_LOGITS_CACHE_MB / the device default, whether a backward will come,
+filter_eps "auto" by the input dtype)
 into these objects. `prefopt/functions.py` passes one of them through `Function.apply`, and the backends read
 settled values only: they `assert` invariants and never raise user errors or read the environment.
 
@@ -31,12 +32,14 @@ class HeadParams:
     want_sqsum: bool             # log sum_v p_v^2 (WPO)
     chunk_size: int | None = None  # token rows per tile of the CPU chunked head; None = sized by the head
     cache_bytes: int = 0         # logits tiles the CPU head may keep for the backward; 0 when no backward comes
+    filter_eps: float | None = None  # > 0: the head's backward skips negligible blocks (docs/design.md); None = exact
 
     def __post_init__(self):
         assert self.softcap is None or self.softcap > 0, self.softcap
         assert self.temperature > 0 and self.logit_scale != 0
         assert self.chunk_size is None or self.chunk_size >= 1
         assert self.cache_bytes >= 0
+        assert self.filter_eps is None or self.filter_eps > 0, self.filter_eps
 
     # The backends share positional signatures (docs/design.md); these tuples are their option arguments.
     def row_forward_args(self):
@@ -51,7 +54,7 @@ class HeadParams:
                 self.chunk_size)
 
     def linear_backward_args(self):
-        return (self.logit_scale, self.softcap, self.temperature, self.chunk_size)
+        return (self.logit_scale, self.softcap, self.temperature, self.chunk_size, self.filter_eps)
 
 
 @dataclass(frozen=True)

@@ -116,14 +116,14 @@ def check_labels(labels, vocab, ignore_index):
 
 
 def _settle_head(labels, vocab, ignore_index, temperature, softcap, logit_scale, return_entropy, return_log_sum_p2,
-                 chunk_size=None, cache_bytes=0):
+                 chunk_size=None, cache_bytes=0, filter_eps=None):
     ignore_index = check_int("ignore_index", ignore_index)
     logit_scale, softcap, temperature = settle_transform(temperature, softcap, logit_scale)
     want_entropy = check_flag("return_entropy", return_entropy)
     want_sqsum = check_flag("return_log_sum_p2", return_log_sum_p2)
     check_labels(labels, vocab, ignore_index)
     return HeadParams(ignore_index, logit_scale, softcap, temperature, want_entropy, want_sqsum, chunk_size,
-                      cache_bytes)
+                      cache_bytes, filter_eps)
 
 
 def settle_logprobs(logits, labels, ignore_index, temperature, softcap, logit_scale, return_entropy,
@@ -140,7 +140,7 @@ def settle_logprobs(logits, labels, ignore_index, temperature, softcap, logit_sc
 
 def settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size,
                   logits_cache_mb, return_entropy, return_log_sum_p2, *, names=("hidden", "weight", "bias"),
-                  vocab=None) -> HeadParams:
+                  vocab=None, filter_eps=None) -> HeadParams:
     """Checks one linear head's inputs and settles its options; `names` let the fused loss report ref_* names.
     `vocab`: the whole vocabulary's size when `weight` holds one shard of it (labels are global ids).
 
@@ -170,9 +170,32 @@ def settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softc
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
     budget = cache_budget_bytes(logits_cache_mb, hidden.device.type)
+    filter_eps = settle_filter_eps(filter_eps, hidden.dtype)
     will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     return _settle_head(labels, weight.shape[0] if vocab is None else vocab, ignore_index, temperature, softcap,
-                        logit_scale, return_entropy, return_log_sum_p2, chunk_size, budget if will_backward else 0)
+                        logit_scale, return_entropy, return_log_sum_p2, chunk_size, budget if will_backward else 0,
+                        filter_eps)
+
+
+# filter_eps="auto": Cut Cross-Entropy's value for bf16/fp16 inputs, whose gradients are rounded to 8 (bf16) or 11
+# (fp16) significant bits anyway; fp32/fp64 inputs get the exact backward, as there.
+AUTO_FILTER_EPS = 2.0 ** -12
+
+
+def settle_filter_eps(filter_eps, dtype):
+    """Gradient filtering threshold of the fused head's backward (docs/design.md, "Gradient filtering"):
+    None or 0 -> None (exact); "auto" -> AUTO_FILTER_EPS for bf16/fp16 inputs, None for fp32/fp64; else a float > 0."""
+    if isinstance(filter_eps, str):
+        if filter_eps != "auto":
+            raise ValueError(f"filter_eps must be None, 'auto' or a finite number >= 0, got {filter_eps!r}")
+        return AUTO_FILTER_EPS if dtype in (torch.bfloat16, torch.float16) else None
+    if filter_eps is None:
+        return None
+    if isinstance(filter_eps, bool) or not isinstance(filter_eps, Real):
+        raise TypeError(f"filter_eps must be None, 'auto' or a finite number >= 0, got {filter_eps!r}")
+    if not (math.isfinite(filter_eps) and filter_eps >= 0):
+        raise ValueError(f"filter_eps must be None, 'auto' or a finite number >= 0, got {filter_eps!r}")
+    return float(filter_eps) or None
 
 
 def cache_budget_bytes(cache_mb=None, device_type="cpu") -> int:

@@ -62,7 +62,7 @@ def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, 
 
 def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, temperature=1.0, softcap=None,
                     logit_scale=1.0, chunk_size=None, logits_cache_mb=None, return_entropy=False,
-                    return_log_sum_p2=False, vocab_parallel_group=None, vocab_start=None):
+                    return_log_sum_p2=False, filter_eps=None, vocab_parallel_group=None, vocab_start=None):
     """Fused `log_softmax(transform(hidden @ weight.T + bias)).gather(labels)` without the logits.
 
     hidden [..., H], weight [V, H], bias [V] | None, labels [...] (same leading shape as hidden).
@@ -74,6 +74,15 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, tem
     `logits_cache_mb` (CPU backends) lets the forward keep up to that many MiB of logits tiles so the backward
     skips their recompute GEMM: faster, peak memory + at most the budget; results are identical with any budget.
     Default: $PREFOPT_LOGITS_CACHE_MB, else 256 MiB for CPU tensors and 0 for CUDA ones; 0 turns it off.
+    `filter_eps` (gradient filtering, as Cut Cross-Entropy): None or 0 (default) = exact backward; "auto" = 2**-12
+    for bf16/fp16 inputs and exact for fp32/fp64; a float > 0 = the backward skips the two GEMMs of every block of
+    (tokens x vocabulary entries) in which each entry's logit gradient is small: with
+    s = |logit_scale| / temperature and G_i = |dL/dlogp_i| + |dL/dentropy_i|, |dL/draw_iv| <= filter_eps * s * G_i
+    (raw: the untransformed logits). Error bound (docs/design.md, "Gradient filtering"):
+    |grad_hidden[i, k] - exact| <= filter_eps * s * G_i * sum_v |weight[v, k]|,
+    |grad_weight[v, k] - exact| <= filter_eps * s * sum_i G_i |hidden[i, k]|, and
+    |grad_bias[v] - exact| <= filter_eps * s * sum_i G_i (plus the rounding of a bf16/fp16 result).
+    `prefopt.filtering.skip_counter` counts the skipped blocks.
     `vocab_parallel_group` (a torch.distributed ProcessGroup; tensor parallelism of the head): `weight` and `bias`
     hold this rank's contiguous vocabulary rows (ranks in group order, any split; or each rank gives
     `vocab_start`), labels are global ids, and `hidden` and `labels` are the same on every rank. Every rank gets
@@ -82,13 +91,14 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, tem
     """
     hidden, weight, bias, labels, params, shard = prepare_linear(
         hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size, logits_cache_mb,
-        return_entropy, return_log_sum_p2, vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start)
+        return_entropy, return_log_sum_p2, filter_eps=filter_eps, vocab_parallel_group=vocab_parallel_group,
+        vocab_start=vocab_start)
     return settled_linear_logprobs(hidden, weight, labels, bias, params, shard)
 
 
 def prepare_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size,
                   logits_cache_mb, return_entropy=False, return_log_sum_p2=False, names=("hidden", "weight", "bias"),
-                  vocab_parallel_group=None, vocab_start=None):
+                  filter_eps=None, vocab_parallel_group=None, vocab_start=None):
     """Autocast, check and settle one head call -> (hidden, weight, bias, int64 labels, HeadParams, VocabShard |
     None); no kernel runs. A vocabulary-parallel call settles its layout first (one all-gather on every rank), so
     the labels are checked against the whole vocabulary."""
@@ -100,7 +110,7 @@ def prepare_linear(hidden, weight, labels, bias, ignore_index, temperature, soft
         raise ValueError("vocab_start needs vocab_parallel_group")
     params = check.settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale,
                                  chunk_size, logits_cache_mb, return_entropy, return_log_sum_p2, names=names,
-                                 vocab=None if shard is None else shard.vocab)
+                                 vocab=None if shard is None else shard.vocab, filter_eps=filter_eps)
     return hidden, weight, bias, labels.long(), params, shard
 
 

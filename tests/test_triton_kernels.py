@@ -249,7 +249,7 @@ def test_linear_fp64(n, H, V, has_bias, scale, softcap, temp):
     for got, ref in zip(st, r[:4]):
         torch.testing.assert_close(got, ref, **F64)
     gh, gw, gb = linear_logprobs.linear_backward(hidden, weight, bias, labels, st.lse, st.entropy, g_logp, g_ent,
-                                                 scale, softcap, temp, None, (True, True, True))
+                                                 scale, softcap, temp, None, None, (True, True, True))
     torch.testing.assert_close(gh, r[4], **F64)
     torch.testing.assert_close(gw, r[5], **F64)
     if has_bias:
@@ -287,7 +287,7 @@ def test_linear_fp64_partial_grads_no_entropy():
     r = ref_linear(hidden, weight, bias, labels, 1.0, None, 1.0, g_logp, torch.zeros(n, dtype=torch.float64))
     for needs in [(True, False, False), (False, True, False), (False, False, True), (True, True, False)]:
         got = linear_logprobs.linear_backward(hidden, weight, bias, labels, st.lse, None, g_logp, None, 1.0, None,
-                                              1.0, 64, needs)
+                                              1.0, 64, None, needs)
         for want, g, ref in zip(needs, got, r[4:]):
             if want:
                 torch.testing.assert_close(g, ref, **F64)
@@ -313,7 +313,7 @@ def test_linear_low_precision(dtype):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), ref, atol=tol, rtol=tol)
     grads = linear_logprobs.linear_backward(hidden, weight, bias, labels, st.lse, st.entropy, g_logp, g_ent,
-                                            1.0, 30.0, 0.75, None, (True, True, True))
+                                            1.0, 30.0, 0.75, None, None, (True, True, True))
     for g, ref, like in zip(grads, r[4:], (hidden, weight, bias)):
         assert g.dtype == like.dtype and g.shape == like.shape
         assert rel_err(g, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
@@ -333,7 +333,7 @@ def test_linear_large_magnitude():
     torch.testing.assert_close(st.lse.double(), r[1], atol=0.05, rtol=1e-5)
     torch.testing.assert_close(st.logp.double(), r[0], atol=0.05, rtol=1e-5)
     gh, gw, gb = linear_logprobs.linear_backward(hidden, weight, None, labels, st.lse, st.entropy, g_logp, g_ent,
-                                                 1.0, None, 1.0, None, (True, True, False))
+                                                 1.0, None, 1.0, None, None, (True, True, False))
     assert gb is None and torch.isfinite(gh).all() and torch.isfinite(gw).all()
 
 

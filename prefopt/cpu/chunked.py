@@ -10,6 +10,12 @@ gradient is swept a few times instead of once per handful of tokens.
 Recomputing every tile costs one logits GEMM more than an eager step that stores its logits. A `TileCache` with a
 fixed byte budget keeps the first tiles of the forward (exact copies, so results do not change) for the backward to
 use instead of recomputing them: the peak extra memory then grows by at most the budget, whatever V and N are.
+
+Gradient filtering (`filter_eps`, docs/design.md "Gradient filtering"; the Triton twin is the FILTER branch of
+kernels/linear_logprobs.py, tests/test_filtering.py checks the two against each other): the tile still has to be
+recomputed and turned into its gradient to know which blocks are negligible, but the two GEMMs then run only over
+the vocabulary columns that hold a kept block (gathered when they are not one range); a skipped block among those
+columns is zeroed first, so it contributes nothing, as in the Triton head.
 """
 from __future__ import annotations
 
@@ -21,9 +27,14 @@ from prefopt._options import CACHE_ENV, DEFAULT_CPU_CACHE_MB  # noqa: F401
 from prefopt._types import RowStats
 from prefopt._validation import cache_budget_bytes
 from prefopt.cpu.rowops_torch import transform_with_slope
+from prefopt.filtering import skip_counter
 
 TILE_ELEMENTS = 1 << 23  # 8M fp32 = 32 MiB per tile
 TARGET_ROWS = 1024       # rows per tile when V is large (vocabulary blocks shrink instead)
+# Filter blocks (rows x vocabulary entries): the Triton backward tile of 16-bit inputs, the dtypes filter_eps="auto"
+# filters. The GEMM work saved is per column range of a whole tile (a column of blocks all skipped), so narrow
+# columns matter more than short rows.
+FILTER_ROWS, FILTER_COLS = 64, 128
 
 # Labels are clamped into each vocabulary block and this ignore_index (never a real label) keeps every row live
 # in the row ops; the onehot term of rows whose label lies in another block is then taken back out.
@@ -94,6 +105,39 @@ def _slope(raw, logit_scale, softcap, temperature):
     """dz/draw at the given raw logits (the torch row ops hold the transform and its derivative)."""
     _, slope = transform_with_slope(raw.clone(), logit_scale, softcap, temperature)
     return slope if isinstance(slope, torch.Tensor) else torch.full_like(raw, slope)
+
+
+def _kept_blocks(grad_raw, threshold):
+    """[row blocks, column blocks] bool of a gradient tile: True where a FILTER_ROWS x FILTER_COLS block holds an
+    entry that is not negligible, |dL/draw| <= threshold of its row failing (NaN never is negligible); blocks are
+    aligned to the tile's first row and column, the ragged last ones only hold the tile's entries."""
+    n_rows, n_cols = grad_raw.shape
+    small = grad_raw.abs() <= threshold[:, None]
+    row_blocks, col_blocks = -(-n_rows // FILTER_ROWS), -(-n_cols // FILTER_COLS)
+    if n_rows % FILTER_ROWS or n_cols % FILTER_COLS:  # entries past the tile are negligible
+        padded = small.new_ones(row_blocks * FILTER_ROWS, col_blocks * FILTER_COLS)
+        padded[:n_rows, :n_cols] = small
+        small = padded
+    return ~small.view(row_blocks, FILTER_ROWS, col_blocks, FILTER_COLS).all(3).all(1)
+
+
+def _filter_tile(grad_raw, threshold):
+    """Apply the filter to a gradient tile -> (columns, skipped blocks, blocks). `columns` is None when every block is
+    kept (the exact backward's GEMMs), else the int64 columns of the tile that lie in a column of blocks holding a kept
+    block: the GEMMs run over those, and the skipped blocks among them are zeroed here, in place."""
+    kept = _kept_blocks(grad_raw, threshold)
+    n_blocks, n_kept = kept.numel(), int(kept.sum())
+    if n_kept == n_blocks:
+        return None, 0, n_blocks
+    n_rows, n_cols = grad_raw.shape
+    kept_cols = kept.any(0)
+    if bool((kept_cols & ~kept.all(0)).any()):
+        row_blocks, col_blocks = kept.shape
+        keep = kept[:, None, :, None].expand(row_blocks, FILTER_ROWS, col_blocks, FILTER_COLS)
+        grad_raw.masked_fill_(~keep.reshape(row_blocks * FILTER_ROWS, col_blocks * FILTER_COLS)[:n_rows, :n_cols], 0)
+    offsets = torch.arange(FILTER_COLS, device=grad_raw.device)
+    columns = (kept_cols.nonzero() * FILTER_COLS + offsets).flatten()
+    return columns[columns < n_cols], n_blocks - n_kept, n_blocks
 
 
 def _weighted(part_lse, part_mean_z, lse):
@@ -175,20 +219,31 @@ class ChunkedHead:
         return RowStats(logp, lse, entropy, log_sum_p2)
 
     def linear_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, logit_scale,
-                        softcap, temperature, chunk_size=None, needs_input_grad=(True, True, True),
+                        softcap, temperature, chunk_size=None, filter_eps=None, needs_input_grad=(True, True, True),
                         tile_cache=None):
         need_h, need_w, need_b = needs_input_grad
         need_b = need_b and bias is not None
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         acc = _acc(hidden.dtype)
         rows_step, vocab_step = tile_shape(n_rows, vocab, chunk_size)
+        # one vocabulary block writes grad_hidden whole, unless filtering may leave some of its columns out
+        write_whole = vocab_step >= vocab and filter_eps is None
         single_block = vocab_step >= vocab
         # grad_hidden sums over vocabulary blocks: fp32 unless one block writes it whole.
         grad_hidden = None
         if need_h:
-            grad_hidden = torch.empty_like(hidden) if single_block else torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
+            grad_hidden = (torch.empty_like(hidden) if write_whole else
+                           torch.zeros(hidden.shape, dtype=acc, device=hidden.device))
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
+        threshold = None
+        if filter_eps is not None:  # docs/design.md "Gradient filtering": |dL/draw| <= eps * s * G_i is negligible
+            scale = filter_eps * abs(logit_scale) / temperature
+            upstream = grad_logp.to(acc).abs()
+            if grad_entropy is not None:
+                upstream += grad_entropy.to(acc).abs()
+            threshold = upstream.mul_(scale)
+            skipped_blocks = total_blocks = 0
         for r0, r1 in _blocks(n_rows, rows_step):
             rows = slice(r0, r1)
             h_rows = hidden[rows]
@@ -209,22 +264,46 @@ class ChunkedHead:
                     onehot = grad_logp[rows][foreign].to(acc) * _slope(raw_at_label, logit_scale, softcap,
                                                                        temperature)
                     tile[foreign, local[foreign]] -= onehot
-                grad_tile = tile if tile.dtype == hidden.dtype else tile.to(hidden.dtype)
+                kept = None
+                if threshold is not None:
+                    kept, skipped, blocks = _filter_tile(tile, threshold[rows])
+                    skipped_blocks += skipped
+                    total_blocks += blocks
+                if kept is None:  # the whole tile
+                    part, w_part, where = tile, weight[cols], cols
+                elif kept.numel() == 0:
+                    del tile
+                    continue
+                elif int(kept[-1] - kept[0]) + 1 == kept.numel():  # one column range: views, no copy
+                    c0, c1 = v0 + int(kept[0]), v0 + int(kept[-1]) + 1
+                    part, w_part, where = tile[:, c0 - v0:c1 - v0], weight[c0:c1], slice(c0, c1)
+                else:  # scattered kept columns: gather them (a copy of 1/rows of the GEMMs' work) for one GEMM pair
+                    where = kept + v0
+                    part, w_part = tile.index_select(1, kept), weight.index_select(0, where)
+                grad_part = part if part.dtype == hidden.dtype else part.to(hidden.dtype)
                 if need_h:
-                    if single_block:
-                        torch.matmul(grad_tile, weight, out=grad_hidden[rows])
-                    elif grad_tile.dtype == acc:
-                        grad_hidden[rows].addmm_(grad_tile, weight[cols])
+                    if write_whole:
+                        torch.matmul(grad_part, weight, out=grad_hidden[rows])
+                    elif grad_part.dtype == acc:
+                        grad_hidden[rows].addmm_(grad_part, w_part)
                     else:
-                        grad_hidden[rows] += grad_tile @ weight[cols]
+                        grad_hidden[rows] += grad_part @ w_part
                 if need_w:
-                    if grad_tile.dtype == acc:
-                        grad_weight[cols].addmm_(grad_tile.T, h_rows)
+                    if isinstance(where, torch.Tensor):
+                        grad_weight.index_add_(0, where, (grad_part.T @ h_rows).to(acc))
+                    elif grad_part.dtype == acc:
+                        grad_weight[where].addmm_(grad_part.T, h_rows)
                     else:  # bf16/fp16 GEMM, fp32 accumulation across tiles
-                        grad_weight[cols] += grad_tile.T @ h_rows
+                        grad_weight[where] += grad_part.T @ h_rows
                 if need_b:
-                    grad_bias[cols] += tile.sum(0)
-                del tile, grad_tile
+                    if isinstance(where, torch.Tensor):
+                        grad_bias.index_add_(0, where, part.sum(0))
+                    else:
+                        grad_bias[where] += part.sum(0)
+                del part, grad_part
+                del tile
+        if threshold is not None:
+            skip_counter.add(skipped_blocks, total_blocks)
         if grad_hidden is not None and grad_hidden.dtype != hidden.dtype:
             grad_hidden = grad_hidden.to(hidden.dtype)
         if grad_weight is not None and grad_weight.dtype != weight.dtype:
