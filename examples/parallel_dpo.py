@@ -111,7 +111,7 @@ def main(argv=None):
     if rank == 0:
         same = all(torch.equal(g, gathered[0]) for g in gathered)
         print(f"layout {args.layout}: {world} ranks, final loss {summary[0]:.4f}, every rank the same loss: {same}")
-    dist.destroy_process_group()
+    prefopt.parallel.destroy_process_group()  # dist's, plus a pause so gloo's threads cannot abort the exit
     return summary.tolist()
 
 

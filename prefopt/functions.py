@@ -48,6 +48,21 @@ def head_call_kwargs(impl, params: HeadParams):
     return {} if tile_cache is None else {"tile_cache": tile_cache}
 
 
+def finish_forward(ctx, stats):
+    """The (logp, entropy | empty, log_sum_p2 | empty) outputs of a log-prob Function; log_sum_p2 has no gradient."""
+    ctx.set_materialize_grads(False)
+    outputs = row_outputs(stats, stats.lse)
+    ctx.mark_non_differentiable(outputs[2])
+    return outputs
+
+
+def upstream_grads(grad_logp, grad_entropy, lse):
+    """Contiguous upstream gradients as the backends take them: grad_logp always, grad_entropy or None."""
+    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.contiguous()
+    grad_entropy = none_if_empty(grad_entropy)
+    return grad_logp, None if grad_entropy is None else grad_entropy.contiguous()
+
+
 def row_outputs(stats, like):
     empty = like.new_empty(0)
     return (stats.logp, empty if stats.entropy is None else stats.entropy,
@@ -65,21 +80,15 @@ class LogprobsFromLogitsFunction(torch.autograd.Function):
         ctx.impl = impl
         ctx.params = params
         ctx.save_for_backward(logits, labels, stats.lse, stats.entropy)
-        ctx.set_materialize_grads(False)
-        outputs = row_outputs(stats, stats.lse)
-        ctx.mark_non_differentiable(outputs[2])
-        return outputs
+        return finish_forward(ctx, stats)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_sqsum):
         logits, labels, lse, entropy = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (grad_logp is None and grad_entropy is None):
             return None, None, None
-        if grad_logp is None:
-            grad_logp = torch.zeros_like(lse)
-        grad_entropy = none_if_empty(grad_entropy)
-        grad_logits = ctx.impl.row_backward(logits, labels, lse, entropy, grad_logp.contiguous(),
-                                            None if grad_entropy is None else grad_entropy.contiguous(),
+        grad_logp, grad_entropy = upstream_grads(grad_logp, grad_entropy, lse)
+        grad_logits = ctx.impl.row_backward(logits, labels, lse, entropy, grad_logp, grad_entropy,
                                             *ctx.params.row_backward_args())
         return grad_logits, None, None
 
@@ -97,10 +106,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         ctx.backward_kwargs = kwargs
         ctx.params = params
         ctx.save_for_backward(hidden, weight, bias, labels, stats.lse, stats.entropy)
-        ctx.set_materialize_grads(False)
-        outputs = row_outputs(stats, stats.lse)
-        ctx.mark_non_differentiable(outputs[2])
-        return outputs
+        return finish_forward(ctx, stats)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_sqsum):
@@ -109,11 +115,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
         if not any(needs) or (grad_logp is None and grad_entropy is None):
             ctx.backward_kwargs = {}  # drop any kept tiles with the graph's other buffers
             return None, None, None, None, None
-        if grad_logp is None:
-            grad_logp = torch.zeros_like(lse)
-        grad_entropy = none_if_empty(grad_entropy)
-        grads = ctx.impl.linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp.contiguous(),
-                                         None if grad_entropy is None else grad_entropy.contiguous(),
+        grad_logp, grad_entropy = upstream_grads(grad_logp, grad_entropy, lse)
+        grads = ctx.impl.linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy,
                                          *ctx.params.linear_backward_args(), needs, **ctx.backward_kwargs)
         return (*grads, None, None)
 

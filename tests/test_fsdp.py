@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -19,24 +17,14 @@ import pytest
 pytest.importorskip("transformers")
 import torch  # noqa: E402
 
+from tests._torchrun import torchrun  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = 1e-5
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _torchrun(args, tmp_path, timeout=240, env_extra=None):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               MASTER_ADDR="127.0.0.1", **(env_extra or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", *args]
-    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
+    return torchrun(args, tmp_path, timeout=timeout, env_extra=env_extra)
 
 
 def _report(tmp_path):
@@ -332,5 +320,5 @@ if __name__ == "__main__":
     try:
         {"hf": _worker_hf, "trl": _worker_trl}[sys.argv[1]](*sys.argv[2:])
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        from prefopt.parallel import destroy_process_group
+        destroy_process_group()

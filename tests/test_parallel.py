@@ -14,27 +14,23 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from prefopt.parallel import merge_vocab_shards
+from prefopt.parallel import destroy_process_group, merge_vocab_shards
 from tests._backends import available
+from tests._torchrun import torchrun
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOUND = {"float32": 1e-5, "float64": 1e-10}
 
 
 def _torchrun(nproc, mode, tmp_path, timeout=420):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     backends = [b for b in ("torch", "cpp", "triton") if available(b)]
-    # --standalone: the rendezvous binds a free port itself (no port picked here that another process could take)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
-           mode, str(tmp_path / "report.json"), ",".join(backends)]
-    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    torchrun([__file__, mode, str(tmp_path / "report.json"), ",".join(backends)], tmp_path, nproc=nproc,
+             timeout=timeout)
     with open(tmp_path / "report.json") as f:
         return json.load(f)
 
@@ -392,4 +388,4 @@ if __name__ == "__main__":
             _worker(*sys.argv[1:])
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()

@@ -11,6 +11,7 @@ import torch
 from prefopt.trainer import PrefoptInputError, TrainConfig, Trainer, train
 from prefopt.trainer import data as D
 from prefopt.trainer.loop import STOP_ENV
+from tests._torchrun import torchrun
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(max_steps=6, logging_steps=1, disable_tqdm=True, per_device_train_batch_size=4, save_steps=3,
@@ -154,17 +155,7 @@ def test_two_process_gloo_matches_one_process(tmp_path, per_rank):
     common = ["--max_steps", "3", "--logging_steps", "1", "--disable_tqdm", "--save_steps", "0",
               "--model_config", '{"hidden_size": 32}', "--warmup_ratio", "0"]
     _run(tmp_path / "one", max_steps=3, save_steps=0, per_device_train_batch_size=4)
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               MASTER_ADDR="127.0.0.1")
-    import socket
-    with socket.socket() as sock:  # a free port on 127.0.0.1
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}", "-m", "prefopt", "train",
-           *per_rank, "--output_dir", str(tmp_path / "two"), *common]
-    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = torchrun(["-m", "prefopt", "train", *per_rank, "--output_dir", str(tmp_path / "two"), *common], tmp_path)
     assert "world 2" in proc.stdout
     two, one = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
     assert len(two) == len(one) == 3

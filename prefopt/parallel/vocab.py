@@ -16,7 +16,7 @@ import torch
 
 from prefopt._types import RowStats
 from prefopt.cpu.rowops_torch import acc_dtype, transform_with_slope
-from prefopt.functions import head_call_kwargs, head_impl, none_if_empty, row_outputs
+from prefopt.functions import finish_forward, head_call_kwargs, head_impl, upstream_grads
 from prefopt.parallel.collectives import all_reduce_sum, gather_rows
 
 
@@ -77,10 +77,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
         stats = RowStats(*(None if r is None else r.to(local.lse.dtype) for r in merged))
         ctx.impl, ctx.backward_kwargs, ctx.params, ctx.shard = impl, kwargs, params, shard
         ctx.save_for_backward(hidden, weight, bias, local_labels, foreign, stats.lse, stats.entropy)
-        ctx.set_materialize_grads(False)
-        outputs = row_outputs(stats, stats.lse)
-        ctx.mark_non_differentiable(outputs[2])
-        return outputs
+        return finish_forward(ctx, stats)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_sqsum):
@@ -89,13 +86,10 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
         if not any(needs) or (grad_logp is None and grad_entropy is None):
             ctx.backward_kwargs = {}
             return None, None, None, None, None, None
-        if grad_logp is None:
-            grad_logp = torch.zeros_like(lse)
-        grad_entropy = none_if_empty(grad_entropy)
+        grad_logp, grad_entropy = upstream_grads(grad_logp, grad_entropy, lse)
         grad_hidden, grad_weight, grad_bias = ctx.impl.linear_backward(
-            hidden, weight, bias, local_labels, lse, entropy, grad_logp.contiguous(),
-            None if grad_entropy is None else grad_entropy.contiguous(), *ctx.params.linear_backward_args(),
-            needs, **ctx.backward_kwargs)
+            hidden, weight, bias, local_labels, lse, entropy, grad_logp, grad_entropy,
+            *ctx.params.linear_backward_args(), needs, **ctx.backward_kwargs)
         acc = acc_dtype(hidden.dtype)
         if grad_hidden is not None:
             grad_hidden = grad_hidden.to(acc)

@@ -29,6 +29,7 @@ import time
 import torch
 
 import prefopt
+from prefopt.parallel import destroy_process_group
 from prefopt.weights import ld_dpo_token_weights
 from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer.config import NonFiniteError, PrefoptInputError, TrainConfig, as_jsonable, resume_mismatch
@@ -84,7 +85,7 @@ class Dist:
 
     def close(self):
         if self.owned and self.dist.is_initialized():
-            self.dist.destroy_process_group()
+            destroy_process_group()
 
 
 def _agree(dist, error):
@@ -473,9 +474,7 @@ class Trainer:
             backend = prefopt.use_backend(self.cfg.backend) if self.cfg.backend else contextlib.nullcontext()
             with backend:
                 summary = self._train()
-            # every rank reaches this point: tearing the group down before the others finished their last
-            # collective (a checkpoint's) aborted a rank with "terminate called without an active exception"
-            self.dist.barrier()
+            self.dist.barrier()  # no rank tears the group down while another is still in a collective
             return summary
         finally:
             self.dist.close()
