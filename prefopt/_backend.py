@@ -1,7 +1,14 @@
-"""Backend selection: PREFOPT_BACKEND / use_backend() -> which implementation runs an op.
+"""Backend selection: PREFOPT_BACKEND / use_backend() -> which implementation runs an op; and for the linear
+head of the triton backend, PREFOPT_HEAD / use_head() -> which of its two heads runs.
 
 `auto` picks Triton for CUDA tensors and the C++ extension (else torch) for CPU tensors. Asking for a
 backend that cannot run is an error, never a silent fallback.
+
+Heads of the triton backend (docs/bench.md, "Which GPU head"): `fused` is kernels/linear_logprobs.py (logits
+tiles in registers, fp32 atomics); `tiles` is prefopt/cpu/chunked.py's ChunkedHead driven by the Triton row ops
+(cuBLAS GEMMs into an owned fp32 tile, no atomics, more HBM traffic). `auto` lets prefopt/cost_model.py's
+`choose_head` pick one per call shape on CUDA tensors; on CPU tensors (the interpreter, a correctness vehicle
+only) `auto` keeps the fused head. The torch and cpp backends have only the tiled head.
 """
 from __future__ import annotations
 
@@ -13,8 +20,11 @@ import os
 import warnings
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
+HEADS = ("auto", "fused", "tiles")
+ISSUE_SHAPE = (16384, 4096, 128256)  # N, H, V of the head call of issue 16 (docs/bench.md), shown by `prefopt info`
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("prefopt_backend", default=None)
+_head_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("prefopt_head", default=None)
 
 
 def _check_name(name: str) -> str:
@@ -108,9 +118,82 @@ def resolve(device) -> str:
     return name
 
 
+def _check_head(name: str) -> str:
+    if not isinstance(name, str) or name.strip().lower() not in HEADS:
+        raise ValueError(f"unknown prefopt head {name!r}; valid heads: {', '.join(HEADS)}")
+    return name.strip().lower()
+
+
+@contextlib.contextmanager
+def use_head(name: str):
+    """Run the enclosed linear heads of the triton backend as `name` (auto|fused|tiles)."""
+    token = _head_override.set(_check_head(name))
+    try:
+        yield
+    finally:
+        _head_override.reset(token)
+
+
+def requested_head() -> str:
+    """The head asked for: use_head() wins over the PREFOPT_HEAD variable (read at call time)."""
+    name = _head_override.get()
+    if name is None:
+        env = os.environ.get("PREFOPT_HEAD", "auto")
+        try:
+            name = _check_head(env)
+        except ValueError as err:
+            raise ValueError(f"PREFOPT_HEAD: {err}") from None
+    return name
+
+
+def head_prediction(n_tokens: int, hidden_size: int, vocab: int, dtype):
+    """prefopt/cost_model.py's `HeadChoice` for one call of the triton backend's head at this shape: the fused
+    head's launch tiles (kernels/linear_logprobs.py `_config`) against the tiled head's (prefopt/cpu/chunked.py
+    `tile_shape`), at torch's current float32 matmul precision."""
+    import torch
+
+    from prefopt.cost_model import choose_head
+    from prefopt.cpu.chunked import tile_shape
+    from prefopt.kernels.linear_logprobs import _config
+    return choose_head(n_tokens, hidden_size, vocab, dtype, fused_forward_blocks=_config(dtype, False)[:2],
+                       fused_backward_blocks=_config(dtype, True)[:2], tile=tile_shape(n_tokens, vocab, None),
+                       fp32_precision=torch.get_float32_matmul_precision())
+
+
+def resolve_head(device, n_tokens: int, hidden_size: int, vocab: int, dtype) -> str:
+    """The linear head ("fused" or "tiles") that runs a call of n_tokens x hidden_size x vocab on `device`.
+    The backend is resolved first; a head the backend lacks is an error, never a silent fallback."""
+    device_type = getattr(device, "type", str(device))
+    backend = resolve(device)
+    name = requested_head()
+    if backend != "triton":
+        if name == "fused":
+            raise RuntimeError(f"prefopt head 'fused' is the triton backend's; the {backend!r} backend has only "
+                               "the tiled head (PREFOPT_HEAD=auto or tiles)")
+        return "tiles"
+    if name != "auto":
+        return name
+    import torch
+    if device_type != "cuda" or dtype not in (torch.float32, torch.bfloat16, torch.float16) or n_tokens == 0:
+        return "fused"  # the interpreter, fp64 (tests only) and empty calls: no cost model applies
+    return head_prediction(n_tokens, hidden_size, vocab, dtype).head
+
+
+def head_choice(n_tokens: int, hidden_size: int, vocab: int, dtype=None, device="cuda") -> str:
+    """Which linear head would run a call of n_tokens labelled tokens, hidden_size features and vocab entries
+    in `dtype` (default bfloat16) on `device`, under the current PREFOPT_BACKEND / PREFOPT_HEAD settings:
+    "fused" or "tiles". The autograd Function asks exactly this (prefopt/functions.py `head_impl`)."""
+    import torch
+    return resolve_head(torch.device(device), n_tokens, hidden_size, vocab, dtype or torch.bfloat16)
+
+
 def backend_info() -> dict:
     """What is available here, for bug reports and the CLI."""
     info = {"requested": requested_backend()}
+    try:
+        info["head"] = requested_head()
+    except ValueError as err:
+        info["head"] = f"invalid: {err}"
     for dev in ("cpu", "cuda"):
         info[f"cpp/{dev}"] = cpp_status(dev)
         info[f"triton/{dev}"] = triton_status(dev)
@@ -120,4 +203,12 @@ def backend_info() -> dict:
                                 f"{cache_budget_bytes(None, 'cuda') / 2**20:g} MiB on CUDA (cpp backend)")
     except ValueError as err:
         info["logits cache"] = f"invalid: {err}"
+    try:
+        import torch
+        n, h, v = ISSUE_SHAPE
+        pick = head_prediction(n, h, v, torch.bfloat16)
+        info["auto head"] = (f"on CUDA at N={n}, H={h}, V={v}, bf16: {pick.head} (predicted on an H100: fused "
+                             f"{pick.fused_s * 1e3:.1f} ms, tiles {pick.tiles_s * 1e3:.1f} ms per forward+backward)")
+    except Exception as err:  # triton missing: no fused head to compare with
+        info["auto head"] = f"unavailable: {type(err).__name__}: {err}".splitlines()[0]
     return info

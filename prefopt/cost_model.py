@@ -1,4 +1,5 @@
-"""Cost of one fused-head call on a GPU: FLOPs and bytes per kernel, and the time a roofline predicts.
+"""Cost of one linear-head call on a GPU: FLOPs and bytes per kernel, the time a roofline predicts, and the rule
+that picks between the two heads of the triton backend (`choose_head`, used by PREFOPT_HEAD=auto).
 
 The Triton head (kernels/linear_logprobs.py) trades memory for traffic: no logits are stored, so
 
@@ -14,6 +15,17 @@ L2 bandwidth, and the unavoidable HBM bytes (each input and output once) at the 
 perfect overlap, so it is a lower bound; its use is to compare designs (tile sizes, filtering, a cuBLAS-tile
 head) by what bounds them, not to promise a time. `bench/kernel_report.py` prints it next to each compiled
 kernel.
+
+The tiled head (prefopt/cpu/chunked.py's ChunkedHead on the Triton row ops, `tiled_head_costs`) runs a sequence
+of separate kernels per [rows, cols] tile: a cuBLAS GEMM into a logits tile, a cast to an owned fp32 tile, the
+row-op fold (forward) or the in-place gradient (backward), a cast back, two cuBLAS GEMMs for the gradients and
+the fp32 accumulation of their results. No atomics, but every tile makes several HBM round trips, and the
+kernels of one stream do not overlap: its device time is the *sum* of the GEMM time (math-bound at these shapes)
+and of the memory passes at HBM bandwidth. Its ops are issued one by one from Python, so the host time (ops per
+tile x an assumed cost per op) is a floor too, and the backward waits for the device once per tile (a
+`nonzero` of the rows whose label lies in another vocabulary block): predicted = max(device, host) + syncs x
+an assumed bubble. `choose_head` compares the two predictions; docs/bench.md ("Which GPU head") states the
+assumptions and the numbers at the issue shape.
 """
 from __future__ import annotations
 
@@ -36,6 +48,26 @@ class Roofline:
 # assumption here; atomics are charged at that rate too (optimistic: a fp32 add is a read-modify-write in L2).
 H100_SXM = Roofline("H100 SXM", {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
                     3.35e12, 5.5e12, "datasheet FLOP/s and HBM; L2 5.5 TB/s assumed")
+
+
+@dataclass(frozen=True)
+class Host:
+    op_s: float          # host time of one eager aten op or Triton launch issued from Python
+    sync_s: float        # device idle after a device->host sync, before the host has queued work again
+    source: str
+
+
+# Assumed, not measured (no GPU here): eager PyTorch spends a few microseconds of CPU per op (views ~2 us, kernel
+# launches 5-10 us); 5 us is the average taken. After a sync the device waits for the next few small ops to be
+# queued: 20 us assumed. `prefopt bench --heads` on a GPU measures what these stand for.
+EAGER_HOST = Host(5e-6, 20e-6, "assumed: 5 us per eager op, 20 us of device idle per host sync")
+
+# aten ops (views included) the tiled head issues per tile from Python, counted with a TorchDispatchMode on
+# prefopt/cpu/chunked.py with several vocabulary blocks (tests/test_cost_model.py recounts them): forward 15
+# (27 when entropy is returned: the merge of E_p[z]), backward 40 (the foreign-label correction is half of them).
+FORWARD_OPS_PER_TILE = 15
+FORWARD_OPS_PER_TILE_ENTROPY = 27
+BACKWARD_OPS_PER_TILE = 40
 
 
 @dataclass(frozen=True)
@@ -88,3 +120,104 @@ def head_costs(n, hidden, vocab, dtype, forward_blocks, backward_blocks, *, fp32
     outputs = 4.0 * hidden * (need_grad_hidden * n + need_grad_weight * vocab)
     backward = KernelCost("_linear_bwd_kernel", gemm * (1 + products), operands, atomics, inputs + outputs, math)
     return [forward, backward]
+
+
+@dataclass(frozen=True)
+class TiledPassCost:
+    """One pass (forward or backward) of the tiled head: its kernels run one after another on one stream."""
+    kernel: str
+    tiles: int
+    flops: float             # cuBLAS GEMMs
+    gemm_bytes: float        # their operand reads (re-reads included) and outputs
+    reread_bytes: float      # part of gemm_bytes: hidden read once per vocabulary block, weight once per row block,
+                             # beyond the first read of each
+    pass_bytes: float        # elementwise / row-op kernels over the logits tiles (casts, fold, in-place gradient)
+    accumulate_bytes: float  # fp32 gradient accumulators: the per-tile read-modify-write outside the GEMMs
+    host_ops: int
+    syncs: int
+    math: str
+
+    def seconds(self, roofline: Roofline = H100_SXM, host: Host = EAGER_HOST) -> dict:
+        math = self.flops / roofline.flops[self.math]
+        gemm = max(math, self.gemm_bytes / roofline.hbm_bytes_per_s)  # each GEMM at its own roofline
+        memory = (self.pass_bytes + self.accumulate_bytes) / roofline.hbm_bytes_per_s
+        device = gemm + memory                                        # no overlap between kernels of one stream
+        host_s = self.host_ops * host.op_s
+        sync = self.syncs * host.sync_s
+        parts = {"gemm": gemm, "hbm": memory, "host": host_s}
+        return dict(math=math, gemm=gemm, hbm=memory, device=device, host=host_s, sync=sync,
+                    predicted=max(device, host_s) + sync,
+                    bound="host" if host_s > device else max(("gemm", "hbm"), key=parts.get))
+
+
+def tiled_head_costs(n, hidden, vocab, dtype, tile, *, fp32_precision="highest", want_entropy=False,
+                     need_grad_hidden=True, need_grad_weight=True):
+    """[forward TiledPassCost, backward TiledPassCost] of one call of the tiled head (ChunkedHead on the Triton row
+    ops) at n tokens (all labelled), `hidden` features, `vocab` entries and `tile` = (rows, cols) of
+    prefopt/cpu/chunked.py `tile_shape`. Bytes follow what that code does with each [rows, cols] tile:
+    forward   GEMM -> raw tile (input dtype) -> fp32 copy -> row_forward reads it
+    backward  GEMM -> raw tile -> fp32 copy -> row_backward in place (read + write) -> cast to the input dtype ->
+              grad_hidden GEMM and grad_weight GEMM read it; each GEMM's [rows|cols, H] result is added into an
+              fp32 accumulator (16-bit inputs: a separate add, reading the result and the accumulator and
+              writing the accumulator; fp32 inputs: addmm_ in place, read + write inside the GEMM).
+    Without bias; the per-token vectors (O(n) per tile) are left out, and so are zeroing the fp32 accumulators and
+    casting them to the input dtype at the end: both heads do that alike (head_costs leaves it out too)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    math = math_mode(dtype, fp32_precision)
+    cast = elem != 4                                   # 16-bit inputs: the GEMM output is cast to/from fp32
+    rows, cols = tile
+    row_blocks, col_blocks = _cdiv(n, rows), _cdiv(vocab, cols)
+    tiles = row_blocks * col_blocks
+    logits = float(n) * vocab                          # every pass covers each logit once (ragged tiles unpadded)
+    hidden_reads = col_blocks * n * hidden * elem      # one per vocabulary block
+    weight_reads = row_blocks * vocab * hidden * elem  # one per row block
+    reread = (col_blocks - 1) * n * hidden * elem + (row_blocks - 1) * vocab * hidden * elem
+    to_fp32 = (elem + 4) * logits if cast else 0.0
+
+    forward = TiledPassCost(
+        "tiles forward", tiles, 2.0 * logits * hidden, hidden_reads + weight_reads + elem * logits, reread,
+        to_fp32 + 4 * logits, 0.0,
+        tiles * (FORWARD_OPS_PER_TILE_ENTROPY if want_entropy else FORWARD_OPS_PER_TILE), 0, math)
+
+    products = int(need_grad_hidden) + int(need_grad_weight)
+    gemm_bytes = hidden_reads + weight_reads + elem * logits                # the recomputed logits tile
+    accumulate = 0.0
+    result = elem if cast else 8                                            # GEMM output: 16-bit, or fp32 read+write
+    if need_grad_hidden:                                                    # [rows, H] per tile
+        gemm_bytes += elem * logits + weight_reads + col_blocks * n * hidden * result
+        accumulate += col_blocks * n * hidden * (elem + 8) if cast else 0.0
+    if need_grad_weight:                                                    # [cols, H] per tile
+        gemm_bytes += elem * logits + hidden_reads + row_blocks * vocab * hidden * result
+        accumulate += row_blocks * vocab * hidden * (elem + 8) if cast else 0.0
+    if need_grad_hidden or need_grad_weight:
+        reread *= 2  # the recompute and the gradient GEMMs re-read the same operands
+    backward = TiledPassCost(
+        "tiles backward", tiles, 2.0 * logits * hidden * (1 + products), gemm_bytes, reread,
+        to_fp32 + 8 * logits + ((4 + elem) * logits if cast else 0.0), accumulate,
+        tiles * BACKWARD_OPS_PER_TILE, tiles if col_blocks > 1 else 0, math)
+    return [forward, backward]
+
+
+@dataclass(frozen=True)
+class HeadChoice:
+    head: str            # "fused" or "tiles"
+    fused_s: float       # predicted forward + backward of the fused head
+    tiles_s: float       # predicted forward + backward of the tiled head
+    fused: list          # [forward KernelCost, backward KernelCost]
+    tiles: list          # [forward TiledPassCost, backward TiledPassCost]
+
+
+def choose_head(n, hidden, vocab, dtype, *, fused_forward_blocks, fused_backward_blocks, tile,
+                fp32_precision="highest", roofline: Roofline = H100_SXM, host: Host = EAGER_HOST,
+                need_grad_hidden=True, need_grad_weight=True) -> HeadChoice:
+    """THE rule of PREFOPT_HEAD=auto: the tiled head when its predicted forward + backward time is lower than the
+    fused head's, else the fused head (ties too: it holds no tile). Both predictions are for one call with both
+    gradients by default; the fused head's host time (three launches) is left out."""
+    fused = head_costs(n, hidden, vocab, dtype, fused_forward_blocks, fused_backward_blocks,
+                       fp32_precision=fp32_precision, need_grad_hidden=need_grad_hidden,
+                       need_grad_weight=need_grad_weight)
+    tiles = tiled_head_costs(n, hidden, vocab, dtype, tile, fp32_precision=fp32_precision,
+                             need_grad_hidden=need_grad_hidden, need_grad_weight=need_grad_weight)
+    fused_s = sum(c.seconds(roofline)["predicted"] for c in fused)
+    tiles_s = sum(c.seconds(roofline, host)["predicted"] for c in tiles)
+    return HeadChoice("tiles" if tiles_s < fused_s else "fused", fused_s, tiles_s, fused, tiles)

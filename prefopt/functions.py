@@ -9,7 +9,7 @@ import importlib
 
 import torch
 
-from prefopt._backend import resolve
+from prefopt._backend import resolve, resolve_head
 from prefopt._options import HeadParams
 
 _ROWOPS = {"torch": "prefopt.cpu.rowops_torch", "cpp": "prefopt.cpu.rowops_cpp", "triton": "prefopt.kernels.logprobs"}
@@ -26,11 +26,14 @@ def segment_impl(device):
     return importlib.import_module(_SEGMENT[resolve(device)])
 
 
-def head_impl(device):
-    backend = resolve(device)
-    if backend == "triton":
+def head_impl(hidden, weight):
+    """The linear head for hidden [n, H] x weight [V, H]: the backend's, and on the triton backend the fused
+    kernel or the tiled head on the Triton row ops (prefopt/_backend.py `resolve_head`)."""
+    backend = resolve(hidden.device)
+    head = resolve_head(hidden.device, hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.dtype)
+    if head == "fused":
         return importlib.import_module("prefopt.kernels.linear_logprobs")
-    if backend not in _heads:
+    if backend not in _heads:  # the tiled head of every backend: ChunkedHead on that backend's row ops
         from prefopt.cpu.chunked import ChunkedHead
         _heads[backend] = ChunkedHead(importlib.import_module(_ROWOPS[backend]))
     return _heads[backend]
@@ -99,7 +102,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, params: HeadParams):
-        impl = head_impl(hidden.device)
+        impl = head_impl(hidden, weight)
         kwargs = head_call_kwargs(impl, params)
         stats = impl.linear_forward(hidden, weight, bias, labels, *params.linear_forward_args(), **kwargs)
         ctx.impl = impl

@@ -40,3 +40,138 @@ def test_roofline_names_its_bound():
     assert t["bound"] == "l2" and t["predicted"] == max(t["math"], t["l2"], t["hbm"])
     exact = head_costs(N, H, V, torch.float32, (64, 128), (64, 64))[0].seconds(H100_SXM)
     assert exact["bound"] == "math"
+
+
+# ------------------------------------------------------------------------------- the tiled head and the choice
+from prefopt.cost_model import (BACKWARD_OPS_PER_TILE, EAGER_HOST, FORWARD_OPS_PER_TILE,  # noqa: E402
+                                FORWARD_OPS_PER_TILE_ENTROPY, Host, choose_head, tiled_head_costs)
+
+TILE = (1024, 8192)  # prefopt/cpu/chunked.py tile_shape(16384, 128256, None): 1024 rows (TARGET_ROWS) x 8M / 1024
+
+
+def test_tile_shape_at_the_issue_shape():
+    from prefopt.cpu.chunked import tile_shape
+    assert tile_shape(N, V, None) == TILE
+
+
+def test_tiled_head_bytes_and_flops_by_hand():
+    fwd, bwd = tiled_head_costs(N, H, V, torch.bfloat16, TILE)
+    row_blocks, col_blocks = N // 1024, math.ceil(V / 8192)  # 16 x 16 (the last vocabulary block 5376 wide)
+    assert (row_blocks, col_blocks, fwd.tiles) == (16, 16, 256)
+    assert fwd.flops == 2 * N * V * H and bwd.flops == 3 * fwd.flops  # unpadded: ragged tiles do no extra work
+    # forward: hidden read once per vocabulary block, weight once per row block, the bf16 logits written once
+    assert fwd.gemm_bytes == 16 * N * H * 2 + 16 * V * H * 2 + 2 * N * V
+    assert fwd.reread_bytes == 15 * N * H * 2 + 15 * V * H * 2
+    # bf16 -> fp32 copy (read 2, write 4), row_forward reads the fp32 tile (4): 10 bytes per logit
+    assert fwd.pass_bytes == 10 * N * V and fwd.accumulate_bytes == 0
+    # backward: copy (6), in-place gradient (read 4 + write 4), cast back to bf16 (read 4 + write 2): 20 per logit
+    assert bwd.pass_bytes == 20 * N * V
+    # accumulators: each tile's bf16 [rows|cols, H] product read (2) + fp32 accumulator read and written (8), per
+    # vocabulary block for grad_hidden and per row block for grad_weight (zeroing and the final cast: both heads)
+    assert bwd.accumulate_bytes == 16 * N * H * 10 + 16 * V * H * 10 == 160 * H * (N + V)
+    assert bwd.accumulate_bytes / 1e9 == pytest.approx(94.8, abs=0.1)  # no atomics; the fused head adds 806.9 GB
+    assert (fwd.syncs, bwd.syncs) == (0, 256)  # one `nonzero` per backward tile (rows labelled in another block)
+    assert (fwd.host_ops, bwd.host_ops) == (256 * FORWARD_OPS_PER_TILE, 256 * BACKWARD_OPS_PER_TILE)
+
+
+def test_tiled_head_seconds_by_hand():
+    fwd, bwd = tiled_head_costs(N, H, V, torch.bfloat16, TILE)
+    t = fwd.seconds(H100_SXM, EAGER_HOST)
+    gemm = 2 * N * V * H / 989.4e12  # math-bound: its bytes take 6.9 ms at 3.35 TB/s
+    assert t["gemm"] == pytest.approx(gemm) and gemm * 1e3 == pytest.approx(17.4, abs=0.1)
+    assert t["hbm"] == pytest.approx(10 * N * V / 3.35e12)
+    assert t["device"] == pytest.approx(t["gemm"] + t["hbm"])  # kernels of one stream add up
+    assert t["host"] == pytest.approx(256 * 15 * 5e-6)         # 19.2 ms < 23.7 ms of device time
+    assert t["predicted"] * 1e3 == pytest.approx(23.7, abs=0.1) and t["bound"] == "gemm"
+    b = bwd.seconds(H100_SXM, EAGER_HOST)
+    assert b["hbm"] == pytest.approx((20 * N * V + 160 * H * (N + V)) / 3.35e12)
+    assert b["predicted"] == pytest.approx(3 * gemm + b["hbm"] + 256 * 20e-6)
+    assert b["predicted"] * 1e3 == pytest.approx(98.2, abs=0.1)
+    slow_host = Host(1e-3, 0.0, "test")  # 1 ms per op: the head is host-bound
+    assert fwd.seconds(H100_SXM, slow_host)["bound"] == "host"
+
+
+def test_fp32_tiles_accumulate_inside_the_gemm():
+    fwd, bwd = tiled_head_costs(N, H, V, torch.float32, TILE)
+    assert fwd.pass_bytes == 4 * N * V  # no cast: row_forward reads the GEMM's fp32 output
+    assert bwd.pass_bytes == 8 * N * V and bwd.accumulate_bytes == 0  # addmm_ accumulates inside the GEMM
+    assert fwd.math == "fp32"
+
+
+def test_choose_head_at_the_issue_shape():
+    pick = choose_head(N, H, V, torch.bfloat16, fused_forward_blocks=(64, 128), fused_backward_blocks=(64, 128),
+                       tile=TILE)
+    # fused: 73.4 (forward, L2) + 293.4 (backward, L2: atomics); tiles: 23.7 + 98.2
+    assert pick.fused_s * 1e3 == pytest.approx(73.4 + 293.4, abs=0.2)
+    assert pick.tiles_s * 1e3 == pytest.approx(23.7 + 98.2, abs=0.2)
+    assert pick.head == "tiles"
+
+
+def test_choose_head_is_the_lower_prediction():
+    from prefopt.cpu.chunked import tile_shape
+    # 64 tokens: one [64, V] tile; the fused head's forward splits the vocabulary over the SMs and is predicted faster
+    small = choose_head(64, H, V, torch.bfloat16, fused_forward_blocks=(64, 128), fused_backward_blocks=(64, 128),
+                        tile=tile_shape(64, V, None))
+    assert small.head == ("tiles" if small.tiles_s < small.fused_s else "fused") == "fused"
+    free = Host(0.0, 0.0, "test")
+    assert choose_head(N, H, V, torch.bfloat16, fused_forward_blocks=(64, 128), fused_backward_blocks=(64, 128),
+                       tile=TILE, host=free).head == "tiles"
+    from dataclasses import replace
+    slow = replace(H100_SXM, hbm_bytes_per_s=1e9)  # HBM-starved: the tiled head's passes dominate
+    assert choose_head(N, H, V, torch.bfloat16, fused_forward_blocks=(64, 128), fused_backward_blocks=(64, 128),
+                       tile=TILE, roofline=slow).head == "fused"
+
+
+def _count_ops(want_entropy):
+    """aten ops the tiled head issues per tile (row ops counted as one launch each), with several blocks."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import prefopt.cpu.chunked as chunked
+    from prefopt.cpu import rowops_torch
+
+    class Count(TorchDispatchMode):
+        n, paused = 0, False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not self.paused:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    mode = Count()
+
+    class OneLaunch:
+        def __getattr__(self, name):
+            def call(*args, **kwargs):
+                mode.n += 1
+                mode.paused = True
+                try:
+                    return getattr(rowops_torch, name)(*args, **kwargs)
+                finally:
+                    mode.paused = False
+            return call
+
+    head = chunked.ChunkedHead(OneLaunch())
+    n, h, v = 128, 16, 512
+    hidden, weight = torch.randn(n, h, dtype=torch.bfloat16), torch.randn(v, h, dtype=torch.bfloat16)
+    labels = torch.randint(0, v, (n,))
+    with mode:
+        stats = head.linear_forward(hidden, weight, None, labels, 1.0, None, 1.0, want_entropy, False)
+    forward = mode.n
+    mode.n = 0
+    with mode:
+        head.linear_backward(hidden, weight, None, labels, stats.lse, stats.entropy, torch.randn(n),
+                             torch.randn(n) if want_entropy else None, 1.0, None, 1.0)
+    tiles = (n // 64) * (v // 64)
+    return forward / tiles, mode.n / tiles
+
+
+def test_host_op_counts_match_the_head(monkeypatch):
+    import prefopt.cpu.chunked as chunked
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 64 * 64)
+    monkeypatch.setattr(chunked, "TARGET_ROWS", 64)
+    forward, backward = _count_ops(False)
+    forward_entropy, _ = _count_ops(True)
+    # within 25%: the per-op cost (EAGER_HOST) is the assumption, these counts are not
+    assert forward == pytest.approx(FORWARD_OPS_PER_TILE, rel=0.25)
+    assert forward_entropy == pytest.approx(FORWARD_OPS_PER_TILE_ENTROPY, rel=0.25)
+    assert backward == pytest.approx(BACKWARD_OPS_PER_TILE, rel=0.25)

@@ -69,7 +69,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, params, shard):
-        impl = head_impl(hidden.device)
+        impl = head_impl(hidden, weight)
         kwargs = head_call_kwargs(impl, params)
         local_labels, foreign = shard.local_labels(labels)
         local = impl.linear_forward(hidden, weight, bias, local_labels, *params.linear_forward_args(), **kwargs)
