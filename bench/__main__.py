@@ -6,6 +6,8 @@ Examples:
   prefopt bench --reference-only                  # only the reference DPO case, both input kinds
   prefopt bench --long                            # one pair of 4k-64k-token sequences (+ V=128k), capped processes
   prefopt bench --filtering                       # fused-head backward, exact vs filter_eps (bench/filtering.py)
+  prefopt bench --heads                           # GPU: fused vs tiled head, measured vs predicted (bench/heads.py)
+  prefopt bench --heads --dry-run                 # the plan and the cost model's predictions, no GPU needed
   prefopt bench --ops linear --tokens 1024 --hidden 1024 --vocab 32000 128000 --kinds lm
 
 `python -m bench ...` takes the same arguments from a source checkout's root.
@@ -29,6 +31,8 @@ def _parser(prog=None):
                    "per sequence and a V=128k point, each implementation in its own process under --cap-gb")
     p.add_argument("--filtering", action="store_true", help="gradient filtering (bench/filtering.py): exact vs "
                    "filtered backward of one head at V=128k; must come first, its options: --filtering --help")
+    p.add_argument("--heads", action="store_true", help="the triton backend's two heads on a GPU, measured next "
+                   "to the cost model (bench/heads.py); must come first, its options: --heads --help")
     p.add_argument("--cap-gb", type=float, default=8.0, help="--long: address-space cap (RLIMIT_AS) of each child")
     p.add_argument("--reference-only", action="store_true", help="only the benchmark reference DPO case")
     p.add_argument("--ops", nargs="+", choices=("logits", "linear", "dpo"),
@@ -93,6 +97,10 @@ def main(argv=None, prog=None) -> int:
         from .filtering import main_filtering, parser
         prog = prog or ("python -m bench" if __package__ == "bench" else "prefopt bench")
         return main_filtering(parser(f"{prog} --filtering").parse_args(argv[1:]))
+    if argv[:1] == ["--heads"]:  # its own options (bench/heads.py)
+        from .heads import main_heads, parser
+        prog = prog or ("python -m bench" if __package__ == "bench" else "prefopt bench")
+        return main_heads(parser(f"{prog} --heads").parse_args(argv[1:]))
     args = _parser(prog).parse_args(argv)
     from . import cases as C
     from .measure import run_grid, torch_device_type
@@ -109,6 +117,8 @@ def main(argv=None, prog=None) -> int:
             names = ", ".join(i.name if ok else f"{i.name} (skip: {why})" for i, ok, why in impls)
             print(f"{case.name}{' [reference]' if case.tag else ''}: {names}")
         return 0
+    if args.heads:
+        raise SystemExit("--heads must come first: prefopt bench --heads [--dry-run] [--tokens N ...]")
     if args.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():

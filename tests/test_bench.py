@@ -131,3 +131,39 @@ def test_bench_help_names_its_command_and_describes_once():
     assert text.count("Run the benchmark grid") == 1
     from prefopt.bench.__main__ import _parser
     assert _parser("prefopt bench").format_help().startswith("usage: prefopt bench")
+
+
+# ------------------------------------------------------------------------------ `prefopt bench --heads` (bench/heads.py)
+def test_heads_bench_without_cuda_says_so_and_points_at_dry_run(monkeypatch, capsys):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--heads"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda needs a CUDA device, and torch.cuda.is_available() is False here" in err
+    assert "--dry-run" in err
+
+
+def test_heads_bench_dry_run_prints_the_predictions_without_a_gpu(capsys):
+    from prefopt._backend import head_prediction
+    import torch
+    assert main(["--heads", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "N=16384 H=4096 V=128256 bfloat16" in out and "dry run: nothing runs" in out
+    pick = head_prediction(16384, 4096, 128256, torch.bfloat16)
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| fused") or
+            line.startswith("| tiles")}
+    assert f"{pick.fused_s * 1e3:,.2f}" in rows["fused"] and f"{pick.tiles_s * 1e3:,.2f}" in rows["tiles"]
+    assert "| yes |" in rows[pick.head] and "not run" in rows["tiles"]
+    assert out.rstrip().endswith(f"auto picks {pick.head}")
+
+
+def test_heads_bench_measures_on_cpu_under_the_interpreter(capsys, tmp_path):
+    """The measuring path itself (both heads, timing, agreement, JSON), as a smoke test on a tiny CPU shape."""
+    path = tmp_path / "heads.json"
+    assert main(["--heads", "--device", "cpu", "--tokens", "24", "--hidden", "16", "--vocab", "300", "--dtype",
+                 "float32", "--repeats", "1", "--warmup", "0", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads(path.read_text())
+    assert set(doc["measured"]) == {"fused", "tiles"} and all(m["total_s"] > 0 for m in doc["measured"].values())
+    assert doc["difference"]["logp"] < 1e-5 and doc["difference"]["grad_weight"] < 1e-5
+    assert "measured faster:" in out
