@@ -76,9 +76,9 @@ OPTIONS = [dict(), dict(temperature=0.8, softcap=4.0), dict(logit_scale=0.25, bi
 @pytest.mark.parametrize("options", OPTIONS, ids=["plain", "softcap-temperature", "scale-bias"])
 def test_tiles_on_triton_row_ops_match_the_reference(blocks, dtype, options):
     """fp64: 1e-10 against the reference. fp32: against the fp64 truth, no further off than the same head on the
-    torch row ops (the CPU path) plus 1e-6 of the truth's scale, and within 1e-3 of that scale in any case. (With 13
-    vocabulary blocks the head's fp32 entropy carries ~10 ulps of |lse|: its merge of E_p[z] subtracts two numbers
-    of the size of lse. Measured 4.3e-5 at |lse| ~ 35 in the plain case, with every row-op backend alike.)"""
+    torch row ops (the CPU path) plus 1e-6 of the truth's scale, and within 1e-3 of that scale in any case. (The head
+    merges its 13 vocabulary blocks in float64 with the mixture-entropy rule; before that, subtracting E_p[z] from lse
+    left its fp32 entropy ~10 ulps of |lse| off: 4.3e-5 at |lse| ~ 35.)"""
     options = dict(options)
     hidden, weight, bias = _inputs(dtype, options.pop("bias", False))
     labels = _labels()

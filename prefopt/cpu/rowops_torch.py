@@ -62,6 +62,17 @@ def fold_stats(z):
     return m, s, t, s2
 
 
+def mixture_entropy(part_lse, part_entropy, lse):
+    """Entropy of a softmax over the union of disjoint parts of the vocabulary (vocabulary blocks, or the shards
+    of a vocabulary-parallel group) from each part's lse and entropy: with w_k = exp(lse_k - lse) (summing to 1),
+    H = sum_k w_k (H_k - log w_k). Every term is >= 0, so nothing cancels (lse - E_p[z] would lose the digits of a
+    large |lse|). A part of weight 0 (all its logits -inf) adds exactly 0; a NaN stays NaN.
+    part_lse, part_entropy: [k, n]; lse: [n]."""
+    log_w = part_lse - lse
+    w = log_w.exp()
+    return torch.where(w == 0, torch.zeros((), dtype=w.dtype, device=w.device), w * (part_entropy - log_w)).sum(0)
+
+
 def row_forward(logits, labels, ignore_index, logit_scale, softcap, temperature, want_entropy, want_sqsum):
     n_rows, vocab = logits.shape
     acc = acc_dtype(logits.dtype)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from prefopt._types import RowStats
-from prefopt.cpu.rowops_torch import acc_dtype, transform_with_slope
+from prefopt.cpu.rowops_torch import acc_dtype, mixture_entropy, transform_with_slope
 from prefopt.functions import finish_forward, head_call_kwargs, head_impl, upstream_grads
 from prefopt.parallel.collectives import all_reduce_sum, gather_rows
 
@@ -40,14 +40,12 @@ def merge_vocab_shards(lse, logp, entropy, log_sum_p2, owner) -> RowStats:
     # An owner whose rows are all -inf has the label's logit -inf: logp is -inf, or NaN when the merged lse is not
     # finite (every row -inf or a NaN somewhere); `merged_lse - merged_lse` is 0, or NaN in exactly those cases.
     merged_logp = torch.where(owner_lse == float("-inf"), float("-inf") + (merged_lse - merged_lse), merged_logp)
-    log_w = lse - merged_lse
-    w = log_w.exp()
-    skip = w == 0
     merged_entropy = merged_sqsum = None
     if entropy is not None:
-        merged_entropy = torch.where(skip, 0.0, w * (entropy.double() - log_w)).sum(0)
+        merged_entropy = mixture_entropy(lse, entropy.double(), merged_lse)
     if log_sum_p2 is not None:
-        merged_sqsum = torch.where(skip, 0.0, w * w * log_sum_p2.double().exp()).sum(0).log()
+        w = (lse - merged_lse).exp()
+        merged_sqsum = torch.where(w == 0, 0.0, w * w * log_sum_p2.double().exp()).sum(0).log()
     return RowStats(merged_logp, merged_lse, merged_entropy, merged_sqsum)
 
 
