@@ -23,36 +23,58 @@ BACKENDS = ("auto", "triton", "cpp", "torch")
 HEADS = ("auto", "fused", "tiles")
 ISSUE_SHAPE = (16384, 4096, 128256)  # N, H, V of the head call of issue 16 (docs/bench.md), shown by `prefopt info`
 
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("prefopt_backend", default=None)
-_head_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("prefopt_head", default=None)
+class _Setting:
+    """A choice read at call time: a `use_*` context manager wins over its environment variable."""
+
+    def __init__(self, what: str, env: str, valid: tuple):
+        self.what, self.env, self.valid = what, env, valid
+        self.override: contextvars.ContextVar[str | None] = contextvars.ContextVar(f"prefopt_{what}", default=None)
+
+    def check(self, name: str) -> str:
+        if not isinstance(name, str) or name.strip().lower() not in self.valid:
+            raise ValueError(f"unknown prefopt {self.what} {name!r}; valid {self.what}s: {', '.join(self.valid)}")
+        return name.strip().lower()
+
+    @contextlib.contextmanager
+    def use(self, name: str):
+        token = self.override.set(self.check(name))
+        try:
+            yield
+        finally:
+            self.override.reset(token)
+
+    def requested(self) -> str:
+        name = self.override.get()
+        if name is None:
+            try:
+                name = self.check(os.environ.get(self.env, "auto"))
+            except ValueError as err:
+                raise ValueError(f"{self.env}: {err}") from None
+        return name
 
 
-def _check_name(name: str) -> str:
-    if not isinstance(name, str) or name.strip().lower() not in BACKENDS:
-        raise ValueError(f"unknown prefopt backend {name!r}; valid backends: {', '.join(BACKENDS)}")
-    return name.strip().lower()
+_BACKEND = _Setting("backend", "PREFOPT_BACKEND", BACKENDS)
+_HEAD = _Setting("head", "PREFOPT_HEAD", HEADS)
 
 
-@contextlib.contextmanager
 def use_backend(name: str):
     """Run the enclosed prefopt calls on backend `name` (auto|triton|cpp|torch)."""
-    token = _override.set(_check_name(name))
-    try:
-        yield
-    finally:
-        _override.reset(token)
+    return _BACKEND.use(name)
 
 
 def requested_backend() -> str:
     """The backend asked for: use_backend() wins over the PREFOPT_BACKEND variable."""
-    name = _override.get()
-    if name is None:
-        env = os.environ.get("PREFOPT_BACKEND", "auto")
-        try:
-            name = _check_name(env)
-        except ValueError as err:
-            raise ValueError(f"PREFOPT_BACKEND: {err}") from None
-    return name
+    return _BACKEND.requested()
+
+
+def use_head(name: str):
+    """Run the enclosed linear heads of the triton backend as `name` (auto|fused|tiles)."""
+    return _HEAD.use(name)
+
+
+def requested_head() -> str:
+    """The head asked for: use_head() wins over the PREFOPT_HEAD variable (read at call time)."""
+    return _HEAD.requested()
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,34 +137,6 @@ def resolve(device) -> str:
         ok, why = cpp_status(device_type)
         if not ok:
             raise RuntimeError(f"prefopt backend 'cpp' is not available: {why}")
-    return name
-
-
-def _check_head(name: str) -> str:
-    if not isinstance(name, str) or name.strip().lower() not in HEADS:
-        raise ValueError(f"unknown prefopt head {name!r}; valid heads: {', '.join(HEADS)}")
-    return name.strip().lower()
-
-
-@contextlib.contextmanager
-def use_head(name: str):
-    """Run the enclosed linear heads of the triton backend as `name` (auto|fused|tiles)."""
-    token = _head_override.set(_check_head(name))
-    try:
-        yield
-    finally:
-        _head_override.reset(token)
-
-
-def requested_head() -> str:
-    """The head asked for: use_head() wins over the PREFOPT_HEAD variable (read at call time)."""
-    name = _head_override.get()
-    if name is None:
-        env = os.environ.get("PREFOPT_HEAD", "auto")
-        try:
-            name = _check_head(env)
-        except ValueError as err:
-            raise ValueError(f"PREFOPT_HEAD: {err}") from None
     return name
 
 
