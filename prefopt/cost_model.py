@@ -98,9 +98,12 @@ def math_mode(dtype, fp32_precision="highest"):
 
 
 def head_costs(n, hidden, vocab, dtype, forward_blocks, backward_blocks, *, fp32_precision="highest",
-               need_grad_hidden=True, need_grad_weight=True):
+               need_grad_hidden=True, need_grad_weight=True, skipped=0.0):
     """[forward KernelCost, backward KernelCost] of one call of the Triton head at n tokens (all labelled),
-    `hidden` features and `vocab` entries; blocks are the launcher's (BLOCK_N, BLOCK_V) choices."""
+    `hidden` features and `vocab` entries; blocks are the launcher's (BLOCK_N, BLOCK_V) choices.
+    `skipped`: the fraction of backward tiles gradient filtering skips (filter_eps): such a tile still recomputes
+    its logits (GEMM and operand loads) but issues neither gradient GEMM nor atomic."""
+    assert 0.0 <= skipped <= 1.0, skipped
     elem = torch.empty((), dtype=dtype).element_size()
     math = math_mode(dtype, fp32_precision)
     inputs = (n * hidden + vocab * hidden) * elem
@@ -115,10 +118,13 @@ def head_costs(n, hidden, vocab, dtype, forward_blocks, backward_blocks, *, fp32
     token_blocks, vocab_tiles = _cdiv(n, bn), _cdiv(vocab, bv)
     gemm = 2.0 * (token_blocks * bn) * (vocab_tiles * bv) * hidden
     products = int(need_grad_hidden) + int(need_grad_weight)
-    operands = token_blocks * vocab_tiles * hidden * elem * ((bn + bv) + need_grad_hidden * bv + need_grad_weight * bn)
-    atomics = 4.0 * hidden * (need_grad_hidden * n * vocab_tiles + need_grad_weight * vocab * token_blocks)
+    kept = 1.0 - skipped
+    operands = token_blocks * vocab_tiles * hidden * elem * (
+        (bn + bv) + kept * (need_grad_hidden * bv + need_grad_weight * bn))
+    atomics = kept * 4.0 * hidden * (need_grad_hidden * n * vocab_tiles + need_grad_weight * vocab * token_blocks)
     outputs = 4.0 * hidden * (need_grad_hidden * n + need_grad_weight * vocab)
-    backward = KernelCost("_linear_bwd_kernel", gemm * (1 + products), operands, atomics, inputs + outputs, math)
+    backward = KernelCost("_linear_bwd_kernel", gemm * (1 + kept * products), operands, atomics, inputs + outputs,
+                          math)
     return [forward, backward]
 
 

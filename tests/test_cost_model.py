@@ -20,6 +20,19 @@ def test_flops_and_atomics_at_the_issue_shape():
     assert bwd.seconds(H100_SXM)["math"] * 1e3 == pytest.approx(52.2, abs=0.1)
 
 
+def test_filtered_backward_keeps_the_recompute_and_drops_the_skipped_tiles_products():
+    exact = head_costs(N, H, V, torch.bfloat16, (64, 128), (64, 128))[1]
+    filtered = head_costs(N, H, V, torch.bfloat16, (64, 128), (64, 128), skipped=0.9)[1]
+    recompute = exact.flops / 3
+    assert filtered.flops == pytest.approx(recompute + 0.1 * 2 * recompute)
+    assert filtered.atomic_bytes == pytest.approx(0.1 * exact.atomic_bytes)
+    # operand loads: each tile's (BLOCK_N + BLOCK_V) x H recompute always, its two products' operands 10% of the time
+    tiles = (N // 64) * math.ceil(V / 128)
+    assert filtered.operand_bytes == pytest.approx(tiles * H * 2 * ((64 + 128) + 0.1 * (128 + 64)))
+    assert filtered.hbm_bytes == exact.hbm_bytes
+    assert head_costs(N, H, V, torch.bfloat16, (64, 128), (64, 128), skipped=0.0)[1] == exact
+
+
 def test_bytes_follow_the_tiles_and_the_requested_gradients():
     wide = head_costs(N, H, V, torch.bfloat16, (64, 256), (64, 256))
     narrow = head_costs(N, H, V, torch.bfloat16, (64, 128), (64, 128))
