@@ -165,9 +165,20 @@ def resolve_head(device, n_tokens: int, hidden_size: int, vocab: int, dtype) -> 
             raise RuntimeError(f"prefopt head 'fused' is the triton backend's; the {backend!r} backend has only "
                                "the tiled head (PREFOPT_HEAD=auto or tiles)")
         return "tiles"
+    import torch
+    if torch.are_deterministic_algorithms_enabled():
+        # The fused backward adds its tiles' gradient shares with fp32 atomics in whatever order the tiles finish;
+        # the tiled head has none (its GEMMs and index_add_ are deterministic in torch's deterministic mode).
+        if name == "auto":
+            return "tiles"
+        if name == "fused":
+            message = ("prefopt head 'fused' has no deterministic backward (fp32 atomic adds in tile completion "
+                       "order) and torch.use_deterministic_algorithms(True) is on: use PREFOPT_HEAD=auto or tiles")
+            if not torch.is_deterministic_algorithms_warn_only_enabled():
+                raise RuntimeError(message)
+            warnings.warn(message, UserWarning, stacklevel=3)
     if name != "auto":
         return name
-    import torch
     if device_type != "cuda" or dtype not in (torch.float32, torch.bfloat16, torch.float16) or n_tokens == 0:
         return "fused"  # the interpreter, fp64 (tests only) and empty calls: no cost model applies
     return head_prediction(n_tokens, hidden_size, vocab, dtype).head

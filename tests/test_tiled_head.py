@@ -278,3 +278,32 @@ def test_auto_on_cuda_follows_the_cost_model(monkeypatch):
             assert prefopt.head_choice(16384, 4096, 128256, torch.bfloat16) == "fused"
     info = _backend.backend_info()
     assert info["head"] == "auto" and info["auto head"].startswith("on CUDA at N=16384, H=4096, V=128256, bf16: tiles")
+
+
+@pytest.fixture
+def deterministic_mode():
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_deterministic_mode_runs_the_head_without_atomics(monkeypatch, deterministic_mode):
+    """torch.use_deterministic_algorithms(True): auto runs the tiled head (no atomics, run-to-run identical
+    gradients); asking for the fused head raises (warns with warn_only), as torch's own ops do."""
+    monkeypatch.delenv("PREFOPT_HEAD", raising=False)
+    calls = _spy_heads(monkeypatch)
+    hidden, weight, _ = _inputs(torch.float32, False)
+    hidden.requires_grad_(True)
+    labels = _labels()
+    torch.use_deterministic_algorithms(True)
+    with prefopt.use_backend("triton"):
+        assert prefopt.head_choice(N - 1, H, V, torch.float32, device="cpu") == "tiles"
+        grads = [torch.autograd.grad(prefopt.linear_logprobs(hidden, weight, labels).sum(), hidden)[0]
+                 for _ in range(2)]
+        assert torch.equal(grads[0], grads[1])
+        with prefopt.use_head("fused"), pytest.raises(RuntimeError, match="no deterministic backward"):
+            prefopt.linear_logprobs(hidden, weight, labels)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with prefopt.use_head("fused"), pytest.warns(UserWarning, match="no deterministic backward"):
+            prefopt.linear_logprobs(hidden, weight, labels)
+    assert [c[0] for c in calls] == ["tiles", "tiles", "fused"]
