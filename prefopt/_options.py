@@ -2,7 +2,7 @@
 
 `prefopt/_validation.py` checks what the user passed and resolves every default (softcap=0 -> None, the logits
 cache budget from the argument / $PREFOPT_LOGITS_CACHE_MB / the device default, whether a backward will come,
-filter_eps "auto" by the input dtype)
+filter_eps "auto" by the input dtype, vocab_sort by filter_eps)
 into these objects. `prefopt/functions.py` passes one of them through `Function.apply`, and the backends read
 settled values only: they `assert` invariants and never raise user errors or read the environment.
 
@@ -33,6 +33,8 @@ class HeadParams:
     chunk_size: int | None = None  # token rows per tile of the CPU chunked head; None = sized by the head
     cache_bytes: int = 0         # logits tiles the CPU head may keep for the backward; 0 when no backward comes
     filter_eps: float | None = None  # > 0: the head's backward skips negligible blocks (docs/design.md); None = exact
+    vocab_sort: bool = False     # the head visits the vocabulary in prefopt/filtering.py `vocab_order` (docs/design.md
+                                 # "Vocabulary sorting"); True only with filter_eps and a backward coming
 
     def __post_init__(self):
         assert self.softcap is None or self.softcap > 0, self.softcap
@@ -40,6 +42,7 @@ class HeadParams:
         assert self.chunk_size is None or self.chunk_size >= 1
         assert self.cache_bytes >= 0
         assert self.filter_eps is None or self.filter_eps > 0, self.filter_eps
+        assert not self.vocab_sort or self.filter_eps is not None, (self.vocab_sort, self.filter_eps)
 
     # The backends share positional signatures (docs/design.md); these tuples are their option arguments.
     def row_forward_args(self):

@@ -116,14 +116,14 @@ def check_labels(labels, vocab, ignore_index):
 
 
 def _settle_head(labels, vocab, ignore_index, temperature, softcap, logit_scale, return_entropy, return_log_sum_p2,
-                 chunk_size=None, cache_bytes=0, filter_eps=None):
+                 chunk_size=None, cache_bytes=0, filter_eps=None, vocab_sort=False):
     ignore_index = check_int("ignore_index", ignore_index)
     logit_scale, softcap, temperature = settle_transform(temperature, softcap, logit_scale)
     want_entropy = check_flag("return_entropy", return_entropy)
     want_sqsum = check_flag("return_log_sum_p2", return_log_sum_p2)
     check_labels(labels, vocab, ignore_index)
     return HeadParams(ignore_index, logit_scale, softcap, temperature, want_entropy, want_sqsum, chunk_size,
-                      cache_bytes, filter_eps)
+                      cache_bytes, filter_eps, vocab_sort)
 
 
 def settle_logprobs(logits, labels, ignore_index, temperature, softcap, logit_scale, return_entropy,
@@ -140,7 +140,7 @@ def settle_logprobs(logits, labels, ignore_index, temperature, softcap, logit_sc
 
 def settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size,
                   logits_cache_mb, return_entropy, return_log_sum_p2, *, names=("hidden", "weight", "bias"),
-                  vocab=None, filter_eps=None) -> HeadParams:
+                  vocab=None, filter_eps=None, vocab_sort=False) -> HeadParams:
     """Checks one linear head's inputs and settles its options; `names` let the fused loss report ref_* names.
     `vocab`: the whole vocabulary's size when `weight` holds one shard of it (labels are global ids).
 
@@ -170,11 +170,13 @@ def settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softc
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
     budget = cache_budget_bytes(logits_cache_mb, hidden.device.type)
+    asked_filter = filter_eps
     filter_eps = settle_filter_eps(filter_eps, hidden.dtype)
+    vocab_sort = settle_vocab_sort(vocab_sort, asked_filter, filter_eps)
     will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     return _settle_head(labels, weight.shape[0] if vocab is None else vocab, ignore_index, temperature, softcap,
                         logit_scale, return_entropy, return_log_sum_p2, chunk_size, budget if will_backward else 0,
-                        filter_eps)
+                        filter_eps, vocab_sort and will_backward)
 
 
 # filter_eps="auto": Cut Cross-Entropy's value for bf16/fp16 inputs, whose gradients are rounded to 8 (bf16) or 11
@@ -196,6 +198,24 @@ def settle_filter_eps(filter_eps, dtype):
     if not (math.isfinite(filter_eps) and filter_eps >= 0):
         raise ValueError(f"filter_eps must be None, 'auto' or a finite number >= 0, got {filter_eps!r}")
     return float(filter_eps) or None
+
+
+def settle_vocab_sort(vocab_sort, asked_filter_eps, filter_eps):
+    """Vocabulary sorting of the filtered backward (docs/design.md, "Vocabulary sorting") -> bool.
+
+    False (default): off. "auto": on exactly when filtering is on (`filter_eps` settled to a float). True: on when
+    filtering is on; it needs filter_eps to be asked for (a float > 0 or "auto"; "auto" on fp32/fp64 inputs settles
+    to the exact backward, which then has nothing to sort for), so True with filter_eps None or 0 is an error."""
+    if isinstance(vocab_sort, str):
+        if vocab_sort != "auto":
+            raise ValueError(f"vocab_sort must be False, True or 'auto', got {vocab_sort!r}")
+        return filter_eps is not None
+    if not isinstance(vocab_sort, bool):
+        raise TypeError(f"vocab_sort must be False, True or 'auto', got {vocab_sort!r}")
+    if vocab_sort and asked_filter_eps != "auto" and filter_eps is None:
+        raise ValueError("vocab_sort=True orders the vocabulary for gradient filtering and needs filter_eps "
+                         f"(a float > 0 or 'auto'), got filter_eps={asked_filter_eps!r}")
+    return vocab_sort and filter_eps is not None
 
 
 def cache_budget_bytes(cache_mb=None, device_type="cpu") -> int:

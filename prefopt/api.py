@@ -62,7 +62,8 @@ def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, 
 
 def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, temperature=1.0, softcap=None,
                     logit_scale=1.0, chunk_size=None, logits_cache_mb=None, return_entropy=False,
-                    return_log_sum_p2=False, filter_eps=None, vocab_parallel_group=None, vocab_start=None):
+                    return_log_sum_p2=False, filter_eps=None, vocab_sort=False, vocab_parallel_group=None,
+                    vocab_start=None):
     """Fused `log_softmax(transform(hidden @ weight.T + bias)).gather(labels)` without the logits.
 
     hidden [..., H], weight [V, H], bias [V] | None, labels [...] (same leading shape as hidden).
@@ -83,6 +84,10 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, tem
     |grad_weight[v, k] - exact| <= filter_eps * s * sum_i G_i |hidden[i, k]|, and
     |grad_bias[v] - exact| <= filter_eps * s * sum_i G_i (plus the rounding of a bf16/fp16 result).
     `prefopt.filtering.skip_counter` counts the skipped blocks.
+    `vocab_sort` (with filtering; as Cut Cross-Entropy): False (default), True, or "auto" (= on when filtering is
+    on). On, the head visits the vocabulary by decreasing average logit (labels first; docs/design.md "Vocabulary
+    sorting"), so the negligible entries fill whole blocks even when the vocabulary is not frequency-ordered; the
+    gradients are the same up to float summation order, and the filtering bound still holds.
     `vocab_parallel_group` (a torch.distributed ProcessGroup; tensor parallelism of the head): `weight` and `bias`
     hold this rank's contiguous vocabulary rows (ranks in group order, any split; or each rank gives
     `vocab_start`), labels are global ids, and `hidden` and `labels` are the same on every rank. Every rank gets
@@ -91,14 +96,15 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, tem
     """
     hidden, weight, bias, labels, params, shard = prepare_linear(
         hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size, logits_cache_mb,
-        return_entropy, return_log_sum_p2, filter_eps=filter_eps, vocab_parallel_group=vocab_parallel_group,
+        return_entropy, return_log_sum_p2, filter_eps=filter_eps, vocab_sort=vocab_sort,
+        vocab_parallel_group=vocab_parallel_group,
         vocab_start=vocab_start)
     return settled_linear_logprobs(hidden, weight, labels, bias, params, shard)
 
 
 def prepare_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size,
                   logits_cache_mb, return_entropy=False, return_log_sum_p2=False, names=("hidden", "weight", "bias"),
-                  filter_eps=None, vocab_parallel_group=None, vocab_start=None):
+                  filter_eps=None, vocab_parallel_group=None, vocab_start=None, vocab_sort=False):
     """Autocast, check and settle one head call -> (hidden, weight, bias, int64 labels, HeadParams, VocabShard |
     None); no kernel runs. A vocabulary-parallel call settles its layout first (one all-gather on every rank), so
     the labels are checked against the whole vocabulary."""
@@ -110,7 +116,8 @@ def prepare_linear(hidden, weight, labels, bias, ignore_index, temperature, soft
         raise ValueError("vocab_start needs vocab_parallel_group")
     params = check.settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale,
                                  chunk_size, logits_cache_mb, return_entropy, return_log_sum_p2, names=names,
-                                 vocab=None if shard is None else shard.vocab, filter_eps=filter_eps)
+                                 vocab=None if shard is None else shard.vocab, filter_eps=filter_eps,
+                                 vocab_sort=vocab_sort)
     return hidden, weight, bias, labels.long(), params, shard
 
 

@@ -1,4 +1,4 @@
-"""Gradient filtering of the fused linear head's backward: the count of skipped blocks.
+"""Gradient filtering of the fused linear head's backward: the count of skipped blocks, and the vocabulary order.
 
 The filter itself is defined once in docs/design.md ("Gradient filtering") and applied by the two heads:
 `kernels/linear_logprobs.py` (per backward tile, with `negligible_tile` of `kernels/_fold.py`) and
@@ -8,6 +8,9 @@ against each other and against the exact gradients. `linear_logprobs(..., filter
 `skip_counter` adds up, over every filtered backward since its last `reset()`, the blocks a head looked at and
 the blocks it skipped. The Triton head leaves its count on the device (one atomic per skipped tile into a
 per-launch int64, added here without a host sync); reading `skipped` or `fraction()` synchronises.
+
+`vocab_order` is the ordering of vocabulary sorting (docs/design.md, "Vocabulary sorting"; `vocab_sort=`): the
+Functions compute it in the forward and hand it to both head calls, whose backward visits the vocabulary in it.
 """
 from __future__ import annotations
 
@@ -46,3 +49,18 @@ class SkipCounter:
 
 
 skip_counter = SkipCounter()
+
+
+def vocab_order(hidden, weight, bias, labels):
+    """int64 [V]: the vocabulary entries by decreasing sort key (docs/design.md, "Vocabulary sorting"), the labels of
+    `labels` first. Key: the average raw logit over the tokens, mean_i(h_i) @ W.T + b (one GEMV, no logits).
+    The order only groups the columns, every entry is still visited once: any order (ties, NaN keys) is correct."""
+    with torch.no_grad():
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        mean_hidden = hidden.mean(0, dtype=acc).to(weight.dtype)
+        key = torch.mv(weight, mean_hidden).to(acc)
+        if bias is not None:
+            key += bias.to(acc)
+        # a label's own entry is never negligible (|onehot - p| = 1 - p): its column goes in the first blocks
+        key[labels] = float("inf")
+        return torch.argsort(key, descending=True)

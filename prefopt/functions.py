@@ -11,6 +11,7 @@ import torch
 
 from prefopt._backend import resolve, resolve_head
 from prefopt._options import HeadParams
+from prefopt.filtering import vocab_order
 
 _ROWOPS = {"torch": "prefopt.cpu.rowops_torch", "cpp": "prefopt.cpu.rowops_cpp", "triton": "prefopt.kernels.logprobs"}
 _SEGMENT = {"torch": "prefopt.cpu.segment_torch", "cpp": "prefopt.cpu.segment_cpp",
@@ -49,6 +50,12 @@ def head_call_kwargs(impl, params: HeadParams):
     make_cache = getattr(impl, "cache_for", None)
     tile_cache = make_cache(params.cache_bytes) if make_cache is not None and params.cache_bytes else None
     return {} if tile_cache is None else {"tile_cache": tile_cache}
+
+
+def vocab_order_kwargs(params: HeadParams, hidden, weight, bias, labels):
+    """The vocabulary order of a head call with vocab_sort (prefopt/filtering.py `vocab_order`), as keyword arguments
+    of both its forward and its backward: the CPU head's forward tiles then line up with its backward's."""
+    return {"vocab_order": vocab_order(hidden, weight, bias, labels)} if params.vocab_sort else {}
 
 
 def finish_forward(ctx, stats):
@@ -103,7 +110,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, params: HeadParams):
         impl = head_impl(hidden, weight)
-        kwargs = head_call_kwargs(impl, params)
+        kwargs = head_call_kwargs(impl, params) | vocab_order_kwargs(params, hidden, weight, bias, labels)
         stats = impl.linear_forward(hidden, weight, bias, labels, *params.linear_forward_args(), **kwargs)
         ctx.impl = impl
         ctx.backward_kwargs = kwargs

@@ -22,7 +22,7 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
                                  ignore_index=-100, temperature=1.0, softcap=None, logit_scale=1.0, chunk_size=None,
                                  logits_cache_mb=None, loss_type="sigmoid", beta=0.1, ld_alpha=None,
                                  use_weighting=False, rpo_alpha=None, average_log_prob=False, nll_target=None,
-                                 return_aux=False, filter_eps=None, sequence_parallel_group=None,
+                                 return_aux=False, filter_eps=None, vocab_sort=False, sequence_parallel_group=None,
                                  vocab_parallel_group=None, vocab_start=None, **loss_options):
     """DPO-family loss from the final hidden states, with the policy (and optional live reference) head fused.
 
@@ -34,7 +34,7 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
     same fused pass; every other keyword goes to `prefopt.preference_loss` (TRL DPOConfig names).
     `logits_cache_mb` is the policy head's logits-tile budget (see `linear_logprobs`); the reference head runs
     without gradient and keeps nothing. `filter_eps` (gradient filtering, see `linear_logprobs`) applies to the
-    heads that have a backward: the policy head and the `nll_target` head.
+    heads that have a backward: the policy head and the `nll_target` head, and so does `vocab_sort`.
     Liger's options: `average_log_prob=True` scores every loss type on per-sequence means instead of sums (the
     length-normalising losses then divide by nothing more; a precomputed reference must then be means too);
     `nll_target` (same layout as `labels`; its chosen rows are read) gives the NLL term its own targets, e.g.
@@ -70,13 +70,14 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
     hidden, weight, bias, labels, policy, shard = prepare_linear(hidden, weight, labels, bias,
                                                                 logits_cache_mb=logits_cache_mb,
                                                                 return_log_sum_p2=use_weighting, filter_eps=filter_eps,
-                                                                **head, **split_vocab)
+                                                                vocab_sort=vocab_sort, **head, **split_vocab)
     if nll_target is not None:
         split = n_pairs if cu_seqlens is None else int(cu_seqlens[n_pairs])
         nll_target = check.check_nll_target(nll_target, labels, cu_seqlens)[:split]
         nll_hidden, _, _, nll_target, nll_head, _ = prepare_linear(hidden[:split], weight, nll_target, bias,
                                                                   logits_cache_mb=logits_cache_mb,
-                                                                  filter_eps=filter_eps, **head, **split_vocab)
+                                                                  filter_eps=filter_eps, vocab_sort=vocab_sort,
+                                                                  **head, **split_vocab)
     if live:
         # Detached, so its settled cache budget is 0: no backward comes through the reference head.
         ref_hidden, ref_weight, ref_bias, _, ref_head, ref_shard = prepare_linear(

@@ -16,7 +16,7 @@ import torch
 
 from prefopt._types import RowStats
 from prefopt.cpu.rowops_torch import acc_dtype, mixture_entropy, transform_with_slope
-from prefopt.functions import finish_forward, head_call_kwargs, head_impl, upstream_grads
+from prefopt.functions import finish_forward, head_call_kwargs, head_impl, upstream_grads, vocab_order_kwargs
 from prefopt.parallel.collectives import all_reduce_sum, gather_rows
 
 
@@ -70,6 +70,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
         impl = head_impl(hidden, weight)
         kwargs = head_call_kwargs(impl, params)
         local_labels, foreign = shard.local_labels(labels)
+        kwargs |= vocab_order_kwargs(params, hidden, weight, bias, local_labels)  # this rank's rows only
         local = impl.linear_forward(hidden, weight, bias, local_labels, *params.linear_forward_args(), **kwargs)
         merged = merge_vocab_shards(*_gathered_stats(local, foreign, shard), shard.owners(labels))
         stats = RowStats(*(None if r is None else r.to(local.lse.dtype) for r in merged))
