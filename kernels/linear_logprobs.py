@@ -26,6 +26,12 @@ logits = hidden @ weight.T (+ bias) never exist in global memory:
   entry is negligible, |d| <= filter_scale * (|g_logp| + |g_ent|) of its row, so the tile's two H-long
   products (nearly all of the backward's work after the recompute) are skipped; it adds 1 to an int64
   counter on the way out (prefopt.filtering.skip_counter). The CPU twin is prefopt/cpu/chunked.py.
+  Vocabulary sorting (SORTED, a constexpr: the unsorted kernel is unchanged without it; docs/design.md,
+  "Vocabulary sorting"): the tile's vocabulary entries are read from the order vector (int64 [V], from
+  prefopt/filtering.py `vocab_order`), so vocab block j is entries order[j * BLOCK_V:(j + 1) * BLOCK_V]: weight
+  rows, bias and labels are addressed through them and grad_weight / grad_bias rows are added at them. Entries
+  that are negligible for most tokens then share tiles, which FILTER skips whole. The forward needs no order
+  (its statistics do not depend on it), so `linear_forward` ignores it. The CPU twin is prefopt/cpu/chunked.py.
 """
 import torch
 import triton
@@ -139,11 +145,12 @@ def _linear_combine_kernel(part_ptr, logp_ptr, lse_ptr, ent_ptr, sq_ptr, N, n_sp
 
 @triton.jit
 def _linear_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
-                       gh_ptr, gw_ptr, gb_ptr, skipped_ptr, N, V, H, stride_h, stride_w,
+                       gh_ptr, gw_ptr, gb_ptr, skipped_ptr, order_ptr, N, V, H, stride_h, stride_w,
                        logit_scale, softcap, temperature, filter_scale, need_gh, need_gw,
                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_FP64: tl.constexpr,
                        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                       BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr, FILTER: tl.constexpr):
+                       BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr, FILTER: tl.constexpr,
+                       SORTED: tl.constexpr):
     # swizzled tile order: GROUP_N token blocks x all vocab blocks, token index fastest
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
@@ -158,6 +165,8 @@ def _linear_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, g_logp
     cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     row_mask = rows < N
     col_mask = cols < V
+    if SORTED:  # the tile's vocabulary entries: positions of the order -> entries (padding lanes stay masked)
+        cols = tl.load(order_ptr + cols, mask=col_mask, other=0)
     acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
                        HAS_BIAS, USE_FP64, DOT_PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
     zs = to_acc(tl.zeros((), tl.float32), USE_FP64)
@@ -258,8 +267,9 @@ def _rowmajor(x):
 
 
 def linear_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature, want_entropy, want_sqsum,
-                   chunk_size=None):
-    # chunk_size is a knob of the CPU chunked head; the Triton path never materialises logits.
+                   chunk_size=None, vocab_order=None):
+    # chunk_size is a knob of the CPU chunked head; the Triton path never materialises logits. vocab_order only
+    # matters to the backward (the CPU head's forward visits it so its cached tiles line up).
     hidden, weight = _rowmajor(hidden), _rowmajor(weight)
     n, H = hidden.shape
     V = weight.shape[0]
@@ -283,7 +293,8 @@ def linear_forward(hidden, weight, bias, labels, logit_scale, softcap, temperatu
 
 
 def linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, logit_scale, softcap,
-                    temperature, chunk_size=None, filter_eps=None, needs_input_grad=(True, True, True)):
+                    temperature, chunk_size=None, filter_eps=None, needs_input_grad=(True, True, True),
+                    vocab_order=None):
     hidden, weight = _rowmajor(hidden), _rowmajor(weight)
     n, H = hidden.shape
     V = weight.shape[0]
@@ -313,14 +324,16 @@ def linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_
         filtering = filter_eps is not None
         skipped = torch.zeros(1, dtype=torch.int64, device=dev) if filtering else labels  # an unread int64 dummy
         filter_scale = filter_eps * abs(scale) / temp if filtering else 0.0
+        sorted_ = vocab_order is not None
+        assert not sorted_ or (vocab_order.dtype == torch.int64 and vocab_order.shape == (V,)), vocab_order
         _linear_bwd_kernel[grid](
             hidden, weight, hidden if bias is None else bias.contiguous(), labels, lse.contiguous(),
             entropy.contiguous(), grad_logp.contiguous(), grad_entropy.contiguous(),
             dummy if gh is None else gh, dummy if gw is None else gw, dummy if gb is None else gb, skipped,
-            n, V, H, hidden.stride(0), weight.stride(0), scale, cap, temp, filter_scale, int(need_h), int(need_w),
+            vocab_order.contiguous() if sorted_ else labels, n, V, H, hidden.stride(0), weight.stride(0), scale, cap, temp, filter_scale, int(need_h), int(need_w),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=has_cap, USE_FP64=fp64,
             DOT_PREC=_dot_prec(hidden.dtype), UPCAST=_upcast(hidden), BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
-            GROUP_N=8, FILTER=filtering, num_warps=warps)
+            GROUP_N=8, FILTER=filtering, SORTED=sorted_, num_warps=warps)
         if filtering:
             skip_counter.add(skipped, grid[0])  # stays on the device until read
 

@@ -16,6 +16,11 @@ kernels/linear_logprobs.py, tests/test_filtering.py checks the two against each 
 recomputed and turned into its gradient to know which blocks are negligible, but the two GEMMs then run only over
 the vocabulary columns that hold a kept block (gathered when they are not one range); a skipped block among those
 columns is zeroed first, so it contributes nothing, as in the Triton head.
+
+Vocabulary sorting (`vocab_order`, docs/design.md "Vocabulary sorting"; the Triton twin is the SORTED branch of the
+backward kernel, tests/test_vocab_sorting.py): vocabulary block j holds the entries order[v0:v1], its weight rows
+(and bias) gathered per block (one block's copy, never the whole weight) and its weight and bias gradient rows
+added back at those entries. The forward visits the same blocks, so its cached tiles are the backward's.
 """
 from __future__ import annotations
 
@@ -95,6 +100,24 @@ def _blocks(total, step):
         yield start, min(total, start + step)
 
 
+def _block_rows(weight, bias, order, v0, v1):
+    """(weight rows, bias rows | None) of block [v0, v1) of the head's visiting order: views, or one block's gathered
+    copy when sorted."""
+    if order is None:
+        return weight[v0:v1], None if bias is None else bias[v0:v1]
+    entries = order[v0:v1]
+    return weight.index_select(0, entries), None if bias is None else bias.index_select(0, entries)
+
+
+def _positions(labels, order):
+    """Labels as positions in the visiting order (the identity without one)."""
+    if order is None:
+        return labels
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    return position[labels]
+
+
 def _local_labels(labels, v_start, v_stop):
     """Labels relative to a vocabulary block, clamped into it, and which rows really have theirs there."""
     in_block = (labels >= v_start) & (labels < v_stop)
@@ -158,8 +181,9 @@ class ChunkedHead:
         return ChunkedHead.cache_for(cache_budget_bytes(cache_mb, device_type))
 
     def linear_forward(self, hidden, weight, bias, labels, logit_scale, softcap, temperature, want_entropy,
-                       want_sqsum, chunk_size=None, tile_cache=None):
+                       want_sqsum, chunk_size=None, tile_cache=None, vocab_order=None):
         n_rows, vocab = hidden.shape[0], weight.shape[0]
+        labels = _positions(labels, vocab_order)
         rows_step, vocab_step = tile_shape(n_rows, vocab, chunk_size)
         acc = _acc(hidden.dtype)
         logp = torch.empty(n_rows, dtype=acc, device=hidden.device)
@@ -173,7 +197,9 @@ class ChunkedHead:
             run_lse = run_entropy = run_lse2 = label_logp = label_lse = None
             for v0, v1 in _blocks(vocab, vocab_step):
                 local, in_block = _local_labels(lab_rows, v0, v1)
-                raw = _tile(h_rows, weight[v0:v1], None if bias is None else bias[v0:v1])
+                w_block, b_block = _block_rows(weight, bias, vocab_order, v0, v1)
+                raw = _tile(h_rows, w_block, b_block)
+                del w_block, b_block
                 stats = self.rowops.row_forward(raw, local, _NO_IGNORE, logit_scale, softcap, temperature,
                                                 want_entropy, want_sqsum)
                 if tile_cache is not None:
@@ -216,12 +242,13 @@ class ChunkedHead:
 
     def linear_backward(self, hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, logit_scale,
                         softcap, temperature, chunk_size=None, filter_eps=None, needs_input_grad=(True, True, True),
-                        tile_cache=None):
+                        tile_cache=None, vocab_order=None):
         need_h, need_w, need_b = needs_input_grad
         need_b = need_b and bias is not None
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         acc = _acc(hidden.dtype)
         rows_step, vocab_step = tile_shape(n_rows, vocab, chunk_size)
+        labels = _positions(labels, vocab_order)
         # one vocabulary block writes grad_hidden whole, unless filtering may leave some of its columns out
         write_whole = vocab_step >= vocab and filter_eps is None
         single_block = vocab_step >= vocab
@@ -244,11 +271,14 @@ class ChunkedHead:
             rows = slice(r0, r1)
             h_rows = hidden[rows]
             for v0, v1 in _blocks(vocab, vocab_step):
-                cols = slice(v0, v1)
                 local, in_block = _local_labels(labels[rows], v0, v1)
+                entries = slice(v0, v1) if vocab_order is None else vocab_order[v0:v1]
                 tile = None if tile_cache is None else tile_cache.take((r0, v0))
+                w_block = None  # the block's weight rows, when they had to be gathered for the recompute
                 if tile is None:
-                    tile = _tile(h_rows, weight[cols], None if bias is None else bias[cols])
+                    w_block, b_block = _block_rows(weight, bias, vocab_order, v0, v1)
+                    tile = _tile(h_rows, w_block, b_block)
+                    del b_block
                 foreign = None if single_block else (~in_block).nonzero().squeeze(1)
                 if foreign is not None and foreign.numel():
                     raw_at_label = tile[foreign, local[foreign]]  # read before the in-place backward
@@ -265,21 +295,27 @@ class ChunkedHead:
                     kept, skipped, blocks = _filter_tile(tile, threshold[rows])
                     skipped_blocks += skipped
                     total_blocks += blocks
+                # where: the vocabulary entries (weight rows) of the GEMMs' columns, a slice or int64 indices
                 if kept is None:  # the whole tile
-                    part, w_part, where = tile, weight[cols], cols
+                    part, where = tile, entries
                 elif kept.numel() == 0:
-                    del tile
+                    del tile, w_block
                     continue
                 elif int(kept[-1] - kept[0]) + 1 == kept.numel():  # one column range: views, no copy
-                    c0, c1 = v0 + int(kept[0]), v0 + int(kept[-1]) + 1
-                    part, w_part, where = tile[:, c0 - v0:c1 - v0], weight[c0:c1], slice(c0, c1)
+                    c0, c1 = int(kept[0]), int(kept[-1]) + 1
+                    part = tile[:, c0:c1]
+                    where = slice(v0 + c0, v0 + c1) if vocab_order is None else entries[c0:c1]
                 else:  # scattered kept columns: gather them (a copy of 1/rows of the GEMMs' work) for one GEMM pair
-                    where = kept + v0
-                    part, w_part = tile.index_select(1, kept), weight.index_select(0, where)
+                    part = tile.index_select(1, kept)
+                    where = kept + v0 if vocab_order is None else entries[kept]
+                if kept is None and w_block is not None:
+                    w_part = w_block
+                else:  # sorted: only the kept entries' rows are gathered
+                    w_part = weight[where] if isinstance(where, slice) else weight.index_select(0, where)
                 grad_part = part if part.dtype == hidden.dtype else part.to(hidden.dtype)
                 if need_h:
                     if write_whole:
-                        torch.matmul(grad_part, weight, out=grad_hidden[rows])
+                        torch.matmul(grad_part, w_part, out=grad_hidden[rows])
                     elif grad_part.dtype == acc:
                         grad_hidden[rows].addmm_(grad_part, w_part)
                     else:
@@ -296,7 +332,7 @@ class ChunkedHead:
                         grad_bias.index_add_(0, where, part.sum(0))
                     else:
                         grad_bias[where] += part.sum(0)
-                del part, grad_part
+                del part, grad_part, w_part, w_block
                 del tile
         if threshold is not None:
             skip_counter.add(skipped_blocks, total_blocks)
