@@ -62,7 +62,7 @@ def _dtype_name(dtype, precision="highest"):
     return name + ("/tf32" if dtype == torch.float32 and precision != "highest" else "")
 
 
-def _head_case(shape, dtype, precision, bias, softcap, grads, quick, filter_eps=None):
+def _head_case(shape, dtype, precision, bias, softcap, grads, quick, filter_eps=None, sorted_=False):
     from kernels import linear_logprobs as head
     n, hidden_size, vocab = shape
     need_h, need_w = grads
@@ -75,9 +75,11 @@ def _head_case(shape, dtype, precision, bias, softcap, grads, quick, filter_eps=
         with _matmul_precision(precision):
             stats = head.linear_forward(hidden, weight, b, labels, 1.0, cap, 1.0, True, True)
             head.linear_backward(hidden, weight, b, labels, stats.lse, stats.entropy, _meta((n,), torch.float32),
-                                 _meta((n,), torch.float32), 1.0, cap, 1.0, None, filter_eps, (need_h, need_w, bias))
+                                 _meta((n,), torch.float32), 1.0, cap, 1.0, None, filter_eps, (need_h, need_w, bias),
+                                 **({"vocab_order": _meta((vocab,), torch.int64)} if sorted_ else {}))
 
-    flags = [f for f, on in (("bias", bias), ("softcap", softcap), ("filter", filter_eps is not None)) if on]
+    flags = [f for f, on in (("bias", bias), ("softcap", softcap), ("filter", filter_eps is not None),
+                             ("sorted", sorted_)) if on]
     grads_text = ",".join(k for k, on in (("h", need_h), ("w", need_w)) if on)
     label = f"N={n} H={hidden_size} V={vocab} {_dtype_name(dtype, precision)} {' '.join(flags)} grads={grads_text}"
     head_call = dict(n=n, hidden=hidden_size, vocab=vocab, dtype=dtype, fp32_precision=precision,
@@ -133,6 +135,9 @@ def cases(module):
                 out.append(_head_case(shape, dtype, precision, True, True, (True, True), False))
             # gradient filtering: the FILTER=True backward, every feature on (the forward is the same as above)
             out.append(_head_case(GPU_SHAPE, dtype, precision, True, True, (True, True), True, filter_eps=2.0 ** -12))
+            # vocabulary sorting: the SORTED=True backward (always filtered: vocab_sort needs filter_eps)
+            out.append(_head_case(GPU_SHAPE, dtype, precision, True, True, (True, True), True, filter_eps=2.0 ** -12,
+                                  sorted_=True))
     elif module == "kernels.logprobs":
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for vocab in ROW_VOCABS_ALIGNED:

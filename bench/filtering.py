@@ -1,16 +1,19 @@
-"""`python -m bench --filtering`: the fused head's backward, exact against gradient-filtered (filter_eps).
+"""`python -m bench --filtering`: the fused head's backward, exact against gradient-filtered (filter_eps), and
+gradient-filtered with vocabulary sorting (vocab_sort=True).
 
 One `linear_logprobs` head on LM-like inputs (V = 128k by default; mean per-token entropy calibrated to ~2 nats).
-Each repeat runs a forward and times the backward, once exact and once filtered, alternately in one process, and
-prints the median times, their ratio, the fraction of blocks skipped (prefopt.filtering.skip_counter) and the
-largest gradient error against the bound of docs/design.md ("Gradient filtering").
+Each repeat runs a forward and times the backward, exact, filtered and filtered + sorted (unless --no-sort),
+alternately in one process, and prints the median times, their ratios to the exact one, the fraction of blocks
+skipped (prefopt.filtering.skip_counter) and the largest gradient error against the bound of docs/design.md
+("Gradient filtering"); the sorted backward's forward also computes the order (one GEMV) and gathers its blocks.
 
 Inputs (LM-like): the bias holds a unigram log-prior, -ZIPF * log(1 + v / HEAD) for token v (a flat head of about HEAD
 frequent tokens, then a power-law tail: the vocabulary is ordered by frequency, as a merge-ordered BPE vocabulary
 roughly is; Cut Cross-Entropy sorts its vocabulary for the same reason); weight ~ N(0, 1/H); each token's label is
 drawn from the unigram law and its hidden state is noise plus a push towards its label's weight row, with an
 amplitude bisected until the mean entropy is --entropy nats. `--order shuffled` permutes the vocabulary (same
-distributions, the rare tokens no longer fill whole blocks) to show what the ordering buys.
+distributions, the rare tokens no longer fill whole blocks) to show what the ordering buys, and what vocab_sort
+(docs/design.md, "Vocabulary sorting") wins back.
 Times are from a shared machine: compare them only within one run.
 """
 from __future__ import annotations
@@ -56,11 +59,12 @@ def make_inputs(n, hidden_size, vocab, dtype, entropy, order="sorted", seed=0):
     return hidden.to(dtype), weight.to(dtype), prior.to(dtype), labels, measured
 
 
-def _backward(hidden, weight, bias, labels, filter_eps, cache_mb):
+def _backward(hidden, weight, bias, labels, filter_eps, cache_mb, vocab_sort=False):
     """One forward, then a timed backward of mean(-logp) -> (seconds, grad_hidden, grad_weight); the bias is fixed."""
     import prefopt
     h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
-    logp = prefopt.linear_logprobs(h, w, labels, bias, filter_eps=filter_eps, logits_cache_mb=cache_mb)
+    logp = prefopt.linear_logprobs(h, w, labels, bias, filter_eps=filter_eps, logits_cache_mb=cache_mb,
+                                   vocab_sort=vocab_sort)
     loss = -logp.mean()
     start = time.perf_counter()
     loss.backward()
@@ -97,33 +101,44 @@ def run(args, log=print):
     log(f"N={args.tokens} H={args.hidden} V={args.vocab} {args.dtype} order={args.order} backend="
         f"{resolve(hidden.device)} threads={torch.get_num_threads()} logits_cache_mb={args.cache_mb} eps={eps:.6g} "
         f"mean entropy {entropy:.2f} nats")
-    times = {"exact": [], "filtered": []}
-    grads = {}
+    kinds = [("exact", None, False), ("filtered", eps, False)] + ([] if args.no_sort else [("sorted", eps, True)])
+    times = {kind: [] for kind, _, _ in kinds}
+    grads, skipped = {}, {}
     for repeat in range(args.repeats):
-        for kind, filter_eps in (("exact", None), ("filtered", eps)):
+        for kind, filter_eps, vocab_sort in kinds:
             skip_counter.reset()
-            seconds, gh, gw = _backward(hidden, weight, bias, labels, filter_eps, args.cache_mb)
+            seconds, gh, gw = _backward(hidden, weight, bias, labels, filter_eps, args.cache_mb, vocab_sort)
             times[kind].append(seconds)
             grads[kind] = (gh, gw)
-            if kind == "filtered":
-                skipped = (skip_counter.skipped, skip_counter.total)
+            if filter_eps is not None:
+                skipped[kind] = (skip_counter.skipped, skip_counter.total)
             log(f"  repeat {repeat + 1}: {kind} backward {seconds:.2f} s")
-    exact_s, filtered_s = statistics.median(times["exact"]), statistics.median(times["filtered"])
-    errors = error_against_bound(grads["exact"], grads["filtered"], hidden, weight, args.tokens, eps)
-    return dict(exact_s=exact_s, filtered_s=filtered_s, ratio=exact_s / filtered_s, skipped_blocks=skipped[0],
-                total_blocks=skipped[1], skipped_fraction=skipped[0] / skipped[1], entropy=entropy, errors=errors,
-                eps=eps)
+    exact_s = statistics.median(times["exact"])
+    res = dict(exact_s=exact_s, entropy=entropy, eps=eps, kinds={})
+    for kind in times:
+        if kind == "exact":
+            continue
+        seconds = statistics.median(times[kind])
+        res["kinds"][kind] = dict(
+            seconds=seconds, ratio=exact_s / seconds, skipped_blocks=skipped[kind][0], total_blocks=skipped[kind][1],
+            skipped_fraction=skipped[kind][0] / skipped[kind][1],
+            errors=error_against_bound(grads["exact"], grads[kind], hidden, weight, args.tokens, eps))
+    return res
+
+
+TITLES = {"filtered": "filtered", "sorted": "filtered + vocab_sort"}
 
 
 def report(res):
-    lines = [f"exact backward    {res['exact_s']:.2f} s (median)",
-             f"filtered backward {res['filtered_s']:.2f} s (median)",
-             f"speed-up          {res['ratio']:.2f}x",
-             f"skipped blocks    {res['skipped_blocks']} / {res['total_blocks']} = {res['skipped_fraction']:.3f}"]
-    for name, e in res["errors"].items():
-        lines.append(f"grad_{name:<6}       max |filtered - exact| {e['max_error']:.3g}, bound up to "
-                     f"{e['max_bound']:.3g}, worst error / bound {e['worst_ratio']:.3g}, "
-                     f"relative (Frobenius) error {e['rel_error']:.3g}")
+    lines = [f"exact backward {res['exact_s']:.2f} s (median)"]
+    for kind, r in res["kinds"].items():
+        title = TITLES[kind]
+        lines += [f"{title} backward {r['seconds']:.2f} s (median), speed-up {r['ratio']:.2f}x, skipped blocks "
+                  f"{r['skipped_blocks']} / {r['total_blocks']} = {r['skipped_fraction']:.3f}"]
+        for name, e in r["errors"].items():
+            lines.append(f"  grad_{name:<6} max |{kind} - exact| {e['max_error']:.3g}, bound up to "
+                         f"{e['max_bound']:.3g}, worst error / bound {e['worst_ratio']:.3g}, "
+                         f"relative (Frobenius) error {e['rel_error']:.3g}")
     return "\n".join(lines)
 
 
@@ -144,6 +159,7 @@ def add_arguments(p):
     p.add_argument("--order", choices=("sorted", "shuffled"), default="sorted",
                    help="vocabulary ordered by frequency (default) or shuffled")
     p.add_argument("--cache-mb", type=float, default=None, help="logits_cache_mb of both runs (default: prefopt's)")
+    p.add_argument("--no-sort", action="store_true", help="leave out the filtered + vocab_sort backward")
     p.add_argument("--repeats", type=int, default=3, help="timed backwards of each kind (median; default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
 
