@@ -67,6 +67,17 @@ def test_filtered_sorted_gradients_within_the_bound(backend, dtype):
         assert worst <= 1.0, f"grad_{name}: {worst:.3g} x the bound"
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])
+def test_sorted_results_do_not_depend_on_the_cache_budget(backend):
+    """The CPU head's sorted forward keeps its tiles in the backward's order: with or without the cache (and with a
+    budget that holds only some tiles), the same bits."""
+    hidden, weight, bias, labels, upstream = _peaked(torch.float32, with_bias=True)
+    runs = [_grads(backend, hidden, weight, bias, labels, upstream, True, filter_eps=EPS, vocab_sort=True,
+                   logits_cache_mb=mb, chunk_size=32) for mb in (0, 0.07, 64)]
+    for got in runs[1:]:
+        assert all(torch.equal(g, e) for g, e in zip(got, runs[0]))
+
+
 def _shuffled_lm(n=128, hidden_size=32, vocab=2048, seed=0):
     """LM-like head inputs (a frequency prior in weight[:, 0], labels among the 64 most frequent tokens, hidden
     states pointing at their label) with the vocabulary then shuffled: the frequent tokens and the labels are
