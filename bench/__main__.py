@@ -122,7 +122,10 @@ def main(argv=None, prog=None) -> int:
     if args.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
-            print("--device cuda: no CUDA device here", file=sys.stderr)
+            print(f"--device {args.device}: no CUDA device here (torch.cuda.is_available() is False). The GPU "
+                  "heads (fused vs tiles, measured next to the cost model) are `prefopt bench --heads`; "
+                  "`prefopt bench --heads --dry-run` prints their plan and predictions without a GPU.",
+                  file=sys.stderr)
             return 2
     out_dir = args.out or default_out_dir()
     os.makedirs(out_dir, exist_ok=True)

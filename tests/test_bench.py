@@ -143,6 +143,15 @@ def test_heads_bench_without_cuda_says_so_and_points_at_dry_run(monkeypatch, cap
     assert "--dry-run" in err
 
 
+def test_grid_bench_on_cuda_without_cuda_points_at_the_heads_bench(monkeypatch, capsys):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--device", "cuda", "--ops", "linear", "--tokens", "16", "--hidden", "16", "--vocab", "128"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: no CUDA device here" in err
+    assert "prefopt bench --heads" in err and "--heads --dry-run" in err
+
+
 def test_heads_bench_dry_run_prints_the_predictions_without_a_gpu(capsys):
     from prefopt._backend import head_prediction
     import torch
