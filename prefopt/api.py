@@ -111,7 +111,7 @@ def prepare_linear(hidden, weight, labels, bias, ignore_index, temperature, soft
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     shard = None
     if vocab_parallel_group is not None:
-        shard = settle_vocab_shard(vocab_parallel_group, weight, vocab_start)
+        shard = settle_vocab_shard(vocab_parallel_group, weight, vocab_start, labels)
     elif vocab_start is not None:
         raise ValueError("vocab_start needs vocab_parallel_group")
     params = check.settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale,

@@ -356,12 +356,15 @@ def _worker_errors(out_path, _backends):
             hidden, torch.randn(5, H), past_the_end, vocab_parallel_group=dist.group.WORLD),
         "empty shard": lambda: prefopt.linear_logprobs(
             hidden, torch.randn(0 if rank else 10, H), labels, vocab_parallel_group=dist.group.WORLD),
+        "labels that differ between ranks": lambda: prefopt.linear_logprobs(
+            hidden, torch.randn(5, H), (labels + rank) % 10, vocab_parallel_group=dist.group.WORLD),
         "group not a ProcessGroup": lambda: prefopt.sequence_logps(torch.randn(2, 3), group="world"),
         "vocab_start without group": lambda: prefopt.linear_logprobs(hidden, torch.randn(10, H), labels,
                                                                      vocab_start=0),
     }
     expected = {"vocab_start on one rank only": "on every rank", "overlapping vocab_start": "without gaps",
                 "label past the whole vocabulary": "[0, 10)", "empty shard": "at least one vocabulary row",
+                "labels that differ between ranks": "the same labels",
                 "group not a ProcessGroup": "ProcessGroup", "vocab_start without group": "needs vocab_parallel_group"}
     seen = {}
     for name, call in tries.items():

@@ -50,7 +50,18 @@ class VocabShard:
         return order[torch.bucketize(labels, stops, right=True).clamp_(max=len(self.starts) - 1)]
 
 
-def settle_vocab_shard(group, weight, vocab_start=None, *, name="vocab_parallel_group") -> VocabShard | None:
+def _labels_fingerprint(labels):
+    """(count, sum, position-weighted sum) of the labels in int64: equal on every rank when the ranks hold the same
+    labels (weights below 1021 keep the sums far from overflow at any N and V a head sees)."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        return [-1, 0, 0]
+    flat = labels.reshape(-1).long()
+    weights = torch.arange(flat.numel(), device=flat.device) % 1021 + 1
+    return [flat.numel(), int(flat.sum()), int((flat * weights).sum())]
+
+
+def settle_vocab_shard(group, weight, vocab_start=None, labels=None, *, name="vocab_parallel_group"
+                       ) -> VocabShard | None:
     """One all-gather of every rank's (vocab_start, rows) over `group`; every rank then checks the same table,
     so a bad layout raises the same error everywhere instead of hanging a collective later.
 
@@ -62,15 +73,20 @@ def settle_vocab_shard(group, weight, vocab_start=None, *, name="vocab_parallel_
                                    or vocab_start < 0):
         raise ValueError(f"vocab_start must be None or an int >= 0, got {vocab_start!r}")
     rows = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() >= 1 else -1
-    mine = torch.tensor([-1 if vocab_start is None else vocab_start, rows], dtype=torch.int64,
-                        device=_comm_device(weight, group))
+    # the labels' fingerprint rides along: a vocabulary split needs the same tokens on every rank, and different
+    # labels would otherwise give each rank a silently wrong merge
+    mine = torch.tensor([-1 if vocab_start is None else vocab_start, rows, *_labels_fingerprint(labels)],
+                        dtype=torch.int64, device=_comm_device(weight, group))
     table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(table, mine, group=group)
     table = torch.stack(table).cpu().tolist()
     if rows < 0:
         return None  # no 2-D weight here: the head's own checks (prefopt/_validation.py) say what is wrong
-    given = [start for start, _ in table]
-    sizes = [size for _, size in table]
+    given = [row[0] for row in table]
+    sizes = [row[1] for row in table]
+    if labels is not None and any(row[2:] != table[0][2:] for row in table):
+        raise ValueError(f"every rank of {name} must hold the same labels (and tokens); (count, sum, weighted sum) "
+                         f"per rank: {[tuple(row[2:]) for row in table]}")
     if min(sizes) < 1:
         raise ValueError(f"every rank of {name} must hold at least one vocabulary row of a 2-D weight; "
                          f"rows per rank: {sizes}")
