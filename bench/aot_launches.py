@@ -62,12 +62,22 @@ def _dtype_name(dtype, precision="highest"):
     return name + ("/tf32" if dtype == torch.float32 and precision != "highest" else "")
 
 
-def _head_case(shape, dtype, precision, bias, softcap, grads, quick, filter_eps=None, sorted_=False):
+def _head_case(shape, dtype, precision, bias, softcap, grads, quick, filter_eps=None, sorted_=False,
+               autotune=False):
+    from kernels import _autotune
     from kernels import linear_logprobs as head
+    from prefopt._backend import use_tiles
     n, hidden_size, vocab = shape
     need_h, need_w = grads
 
     def run():
+        if not autotune:
+            return launch()
+        _autotune.clear()  # a fresh tuner: every candidate's trial launch is recorded
+        with use_tiles("autotune"):
+            launch()
+
+    def launch():
         hidden, weight = _meta((n, hidden_size), dtype), _meta((vocab, hidden_size), dtype)
         b = _meta((vocab,), dtype) if bias else None
         labels = _meta((n,), torch.int64)
@@ -79,7 +89,7 @@ def _head_case(shape, dtype, precision, bias, softcap, grads, quick, filter_eps=
                                  **({"vocab_order": _meta((vocab,), torch.int64)} if sorted_ else {}))
 
     flags = [f for f, on in (("bias", bias), ("softcap", softcap), ("filter", filter_eps is not None),
-                             ("sorted", sorted_)) if on]
+                             ("sorted", sorted_), ("autotune", autotune)) if on]
     grads_text = ",".join(k for k, on in (("h", need_h), ("w", need_w)) if on)
     label = f"N={n} H={hidden_size} V={vocab} {_dtype_name(dtype, precision)} {' '.join(flags)} grads={grads_text}"
     head_call = dict(n=n, hidden=hidden_size, vocab=vocab, dtype=dtype, fp32_precision=precision,
@@ -124,20 +134,24 @@ def cases(module):
     one-gradient backwards run with every feature on."""
     out = []
     if module == "kernels.linear_logprobs":
+        head = []  # (positional, keyword) arguments of _head_case
         for dtype, precision in HEAD_DTYPES:
             for bias in (False, True):
                 for softcap in (False, True):
-                    out.append(_head_case(GPU_SHAPE, dtype, precision, bias, softcap, (True, True),
-                                          bias and softcap))
+                    head.append(((GPU_SHAPE, dtype, precision, bias, softcap, (True, True), bias and softcap), {}))
             for grads in GRADS[1:]:
-                out.append(_head_case(GPU_SHAPE, dtype, precision, True, True, grads, False))
+                head.append(((GPU_SHAPE, dtype, precision, True, True, grads, False), {}))
             for shape in (RAGGED_SHAPE, SINGLE_ROW):
-                out.append(_head_case(shape, dtype, precision, True, True, (True, True), False))
+                head.append(((shape, dtype, precision, True, True, (True, True), False), {}))
             # gradient filtering: the FILTER=True backward, every feature on (the forward is the same as above)
-            out.append(_head_case(GPU_SHAPE, dtype, precision, True, True, (True, True), True, filter_eps=2.0 ** -12))
+            head.append(((GPU_SHAPE, dtype, precision, True, True, (True, True), True), dict(filter_eps=2.0 ** -12)))
             # vocabulary sorting: the SORTED=True backward (always filtered: vocab_sort needs filter_eps)
-            out.append(_head_case(GPU_SHAPE, dtype, precision, True, True, (True, True), True, filter_eps=2.0 ** -12,
-                                  sorted_=True))
+            head.append(((GPU_SHAPE, dtype, precision, True, True, (True, True), True),
+                         dict(filter_eps=2.0 ** -12, sorted_=True)))
+        out += [_head_case(*args, **kwargs) for args, kwargs in head]
+        # every autotune candidate (kernels/_head_tiles.py) the tuner would time, on every specialisation above: a
+        # tile spill-free in the heaviest one can spill in a lighter or ragged one (128 x 128 forwards did)
+        out += [_head_case(*args[:6], False, **kwargs, autotune=True) for args, kwargs in head]
     elif module == "kernels.logprobs":
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for vocab in ROW_VOCABS_ALIGNED:
@@ -157,9 +171,12 @@ def cases(module):
     return out
 
 
-def record(case):
-    """The kernel calls one case makes: [(jit function, args, kwargs)], nothing launched."""
+def record(case, arch):
+    """The kernel calls one case makes on `arch` (its launchers pick that arch's tiles): [(jit function, args,
+    kwargs)], nothing launched."""
     from triton.runtime.jit import JITFunction
+
+    from kernels._head_tiles import assume_arch
     calls = []
 
     def recorder(self, *args, grid, warmup, **kwargs):
@@ -168,7 +185,8 @@ def record(case):
     real_run = JITFunction.run
     JITFunction.run = recorder
     try:
-        case.run()
+        with assume_arch(arch):
+            case.run()
     finally:
         JITFunction.run = real_run
     return calls

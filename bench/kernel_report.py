@@ -108,6 +108,15 @@ def _ptxas_stats(ptx, arch):
             os.path.basename(ptxas))
 
 
+_TENSOR_CORE = re.compile(r"^\s*(?:@%p\d+\s+)?(wgmma\.mma_async|mma\.sync|mma\.sp)", re.M)
+
+
+def _tensor_core_instructions(ptx):
+    """Tensor-core MMA instructions in the PTX (static count: `wgmma.mma_async` on sm_90, `mma.sync` on sm_80);
+    0 means the dots run on FMA units (exact fp32, fp64)."""
+    return len(_TENSOR_CORE.findall(ptx))
+
+
 def _launches():
     return _module("bench.aot_launches")
 
@@ -115,12 +124,13 @@ def _launches():
 _RECORDED = {}
 
 
-def _recorded(module, case_index):
-    """The kernel calls of one launch case (recorded once per process; deterministic across processes)."""
-    key = (module, case_index)
+def _recorded(module, case_index, arch):
+    """The kernel calls of one launch case on `arch` (its launchers pick that arch's tiles; recorded once per
+    process, deterministic across processes)."""
+    key = (module, case_index, arch)
     if key not in _RECORDED:
         launches = _launches()
-        _RECORDED[key] = launches.record(launches.cases(module)[case_index])
+        _RECORDED[key] = launches.record(launches.cases(module)[case_index], arch)
     return _RECORDED[key]
 
 
@@ -130,7 +140,7 @@ def _target(arch):
 
 
 def _bound(module, case_index, call_index, arch):
-    fn, args, kwargs = _recorded(module, case_index)[call_index]
+    fn, args, kwargs = _recorded(module, case_index, arch)[call_index]
     return fn, _launches().bind(fn, args, kwargs, _target(arch))
 
 
@@ -140,20 +150,24 @@ def _compile(src, arch, options, row):
     assert ck.asm.get("cubin"), "no cubin produced"
     row["shared"] = int(ck.metadata.shared)
     row["regs"], row["spill_stores"], row["spill_loads"], row["ptxas"] = _ptxas_stats(ck.asm["ptx"], arch)
+    row["tensor_core_instrs"] = _tensor_core_instructions(ck.asm["ptx"])
 
 
-def _cost_columns(case, fn, constexprs, row):
+def _cost_columns(case, fn, constexprs, arch, row):
     """The cost model's figures for a fused-head kernel (forward or backward) of a head case."""
     if case.head is None or fn.__name__ not in ("_linear_fwd_kernel", "_linear_bwd_kernel"):
         return
     from prefopt.cost_model import H100_SXM, head_costs
     head = _module("kernels.linear_logprobs")
-    blocks = {name: (head._config(case.head["dtype"], backward)[:2])
-              for name, backward in (("_linear_fwd_kernel", False), ("_linear_bwd_kernel", True))}
+    # this kernel's blocks are the launch's own (a table tile or an autotune candidate); the other kernel's
+    # (head_costs prices both passes) are the table's
     named = {fn.arg_names[path[0]]: value for path, value in constexprs.items()}
-    assert (named["BLOCK_N"], named["BLOCK_V"]) == blocks[fn.__name__], "cost model and launch disagree on tiles"
-    costs = {c.kernel: c for c in head_costs(forward_blocks=blocks["_linear_fwd_kernel"],
-                                             backward_blocks=blocks["_linear_bwd_kernel"], **case.head)}
+    backward = fn.__name__ == "_linear_bwd_kernel"
+    with _launches()._matmul_precision(case.head["fp32_precision"]):  # the table depends on the fp32 math mode
+        other = head._config(case.head["dtype"], not backward, arch)
+    blocks = {backward: (named["BLOCK_N"], named["BLOCK_V"]), not backward: (other.block_n, other.block_v)}
+    costs = {c.kernel: c for c in head_costs(forward_blocks=blocks[False], backward_blocks=blocks[True],
+                                             **case.head)}
     cost = costs[fn.__name__]
     times = cost.seconds(H100_SXM)
     row.update(gflop=round(cost.flops / 1e9, 1), operand_gb=round(cost.operand_bytes / 1e9, 1),
@@ -161,12 +175,36 @@ def _cost_columns(case, fn, constexprs, row):
                math_ms=round(times["math"] * 1e3, 2), bound=times["bound"])
 
 
+def _head_tile(fn, constexprs, options):
+    """The Tile of a fused-head launch (a table tile or an autotune candidate); None for other kernels."""
+    named = {fn.arg_names[path[0]]: value for path, value in constexprs.items()}
+    if not {"BLOCK_N", "BLOCK_V", "BLOCK_K"} <= set(named):
+        return None
+    from kernels._head_tiles import Tile
+    return Tile(named["BLOCK_N"], named["BLOCK_V"], named["BLOCK_K"], options.num_warps, options.num_stages)
+
+
+def _tile_text(fn, constexprs, options):
+    tile = _head_tile(fn, constexprs, options)
+    return "" if tile is None else f"tile={tile.block_n}x{tile.block_v}x{tile.block_k} s{tile.num_stages}"
+
+
+def _smem_bound(case, fn, constexprs, options, row):
+    """kernels/_head_tiles.py's shared-memory bound of a fused-head launch (what autotune pruning trusts), so the
+    AOT test can check it against the compiled figure."""
+    tile = _head_tile(fn, constexprs, options)
+    if tile is not None and case.head is not None:
+        from kernels._head_tiles import smem_bytes
+        row["smem_bound"] = smem_bytes(tile, case.head["dtype"].itemsize, fn.__name__ == "_linear_bwd_kernel")
+
+
 def compile_one(job):
     """job = (module, index, arch) for a listed loss config, or (module, (case, call), arch) for a recorded
     launch -> row dict (error set instead of raising)."""
     module, index, arch = job
     row = dict(module=module.split(".")[-1], kernel=None, arch=f"sm_{arch}", config=None, num_warps=None,
-               regs=None, shared=None, spill_stores=None, spill_loads=None, ptxas=None, seconds=None, error=None)
+               regs=None, shared=None, spill_stores=None, spill_loads=None, tensor_core_instrs=None, ptxas=None,
+               seconds=None, error=None)
     t0 = time.time()
     try:
         if module in LAUNCHED:
@@ -174,9 +212,11 @@ def compile_one(job):
             case = _launches().cases(module)[case_index]
             fn, (signature, constexprs, attrs, options) = _bound(module, case_index, call_index, arch)
             spec = _launches().specialisation_text(fn, signature, constexprs, attrs)
-            row.update(kernel=fn.__name__, config=" ".join(p for p in (case.label, spec) if p),
+            row.update(kernel=fn.__name__, config=" ".join(p for p in (case.label, _tile_text(fn, constexprs, options),
+                                                                        spec) if p),
                        num_warps=options.num_warps)
-            _cost_columns(case, fn, constexprs, row)
+            _cost_columns(case, fn, constexprs, arch, row)
+            _smem_bound(case, fn, constexprs, options, row)
             import triton
             _compile(triton.compiler.ASTSource(fn, signature, constexprs, attrs), arch, options.__dict__, row)
         else:
@@ -201,7 +241,7 @@ def launch_jobs(module, arch, quick=False):
     for case_index, case in enumerate(_launches().cases(module)):
         if quick and not case.quick:
             continue
-        for call_index in range(len(_recorded(module, case_index))):
+        for call_index in range(len(_recorded(module, case_index, arch))):
             fn, (signature, constexprs, attrs, options) = _bound(module, case_index, call_index, arch)
             key = (fn.__name__, repr(signature), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
                    options.num_warps, options.num_stages)
@@ -247,6 +287,7 @@ def describe_one(job):
         case = _launches().cases(module)[case_index]
         fn, (signature, constexprs, attrs, options) = _bound(module, case_index, call_index, arch)
         row.update(kernel=fn.__name__, config=case.label, quick=case.quick, num_warps=options.num_warps,
+                   num_stages=options.num_stages, tile=_tile_text(fn, constexprs, options),
                    constexprs={fn.arg_names[path[0]]: value for path, value in constexprs.items()},
                    divisible=sorted(fn.arg_names[path[0]] for path, value in attrs.items() if value),
                    spec=_launches().specialisation_text(fn, signature, constexprs, attrs))
@@ -268,17 +309,18 @@ def collect(archs=(80, 90), jobs=None, quick=False, modules=MODULES, dry_run=Fal
 
 
 def markdown(rows):
-    lines = ["| kernel | arch | launch | warps | regs | smem (B) | spill st/ld (B) | GFLOP | operand / atomic GB "
-             "| H100 roofline ms (bound) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | arch | launch | warps | regs | smem (B) | spill st/ld (B) | tensor-core instrs | GFLOP "
+             "| operand / atomic GB | H100 roofline ms (bound) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cost = (f"{r['gflop']:,} | {r['operand_gb']:,} / {r['atomic_gb']:,} | {r['predicted_ms']:,} ({r['bound']})"
                 if r.get("gflop") is not None else " | | ")
         if r["error"]:
             lines.append(f"| {r['kernel']} | {r['arch']} | {r['config']} | {r['num_warps']} | ERROR | | "
-                         f"{r['error'][:80]} | | | |")
+                         f"{r['error'][:80]} | | | | |")
         else:
             lines.append(f"| {r['kernel']} | {r['arch']} | {r['config']} | {r['num_warps']} | {r['regs']} | "
-                         f"{r['shared']} | {r['spill_stores']}/{r['spill_loads']} | {cost} |")
+                         f"{r['shared']} | {r['spill_stores']}/{r['spill_loads']} | {r['tensor_core_instrs']} | "
+                         f"{cost} |")
     return "\n".join(lines)
 
 

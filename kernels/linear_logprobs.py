@@ -41,6 +41,7 @@ from prefopt._types import RowStats
 
 from prefopt.filtering import skip_counter
 
+from . import _autotune, _head_tiles
 from ._fold import dlogits, finish, fold, label_logp, merge, negligible_tile, to_acc, transform, transform_args
 
 
@@ -224,21 +225,10 @@ def _num_sms(device):
     return _NUM_SMS[idx]
 
 
-def _config(dtype, backward):
-    """(BLOCK_N, BLOCK_V, BLOCK_K, num_warps) of the forward / backward tile kernels.
-
-    Output tiles of 64 tokens x 128 vocab entries (two warpgroups on Hopper, 8 warps), K slices of
-    64 for 16-bit inputs (128-byte rows) in the forward. The backward holds the dlogits tile plus
-    the two product accumulators and their atomic addresses, so it walks H in slices of 32; with
-    4-byte inputs (exact-fp32 FMA dots or tf32) it also shrinks the tile to 32 x 64: the launched
-    fp32 backwards at 64 x 64 (one-gradient variants, and the plain one on sm_90) spilled 24-372 bytes
-    once the AOT report compiled what really launches (need_gh / need_gw bound as constants).
-    Every choice here is compiled for sm_80/sm_90 by tests/test_aot_compile.py and asserted to
-    spill nothing (the largest use ~255 registers on sm_80, <= 1 CTA of 8 warps per SM)."""
-    wide = dtype in (torch.float32, torch.float64)
-    if not backward:
-        return (64, 128, 32, 8) if wide else (64, 128, 64, 8)
-    return (32, 64, 32, 8) if wide else (64, 128, 32, 8)
+def _config(dtype, backward, arch=_head_tiles.ASSUMED_ARCH):
+    """The Tile (BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages) of the forward / backward kernel on `arch`
+    without autotuning: kernels/_head_tiles.py's table, where each entry's reasons are."""
+    return _head_tiles.table_tile(dtype, backward, arch)
 
 
 def _n_splits(n, V, block_n, block_v, device):
@@ -279,16 +269,22 @@ def linear_forward(hidden, weight, bias, labels, logit_scale, softcap, temperatu
     logp, lse, ent, sq = (torch.empty(n, dtype=sdt, device=dev) for _ in range(4))
     if n > 0:
         scale, cap, temp, has_cap = transform_args(logit_scale, softcap, temperature)
-        bn, bv, bk, warps = _config(hidden.dtype, backward=False)
-        splits, v_per_split = _n_splits(n, V, bn, bv, dev)
-        part = torch.empty((5, splits, n), dtype=sdt, device=dev)
-        _linear_fwd_kernel[(triton.cdiv(n, bn), splits)](
-            hidden, weight, hidden if bias is None else bias.contiguous(), labels.contiguous(), part,
-            n, V, H, hidden.stride(0), weight.stride(0), v_per_split, scale, cap, temp,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=has_cap, USE_FP64=fp64, DOT_PREC=_dot_prec(hidden.dtype),
-            UPCAST=_upcast(hidden), BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps)
-        _linear_combine_kernel[(triton.cdiv(n, _COMBINE_BLOCK),)](
-            part, logp, lse, ent, sq, n, splits, BLOCK=_COMBINE_BLOCK, num_warps=4)
+        labels = labels.contiguous()
+        bias_arg = hidden if bias is None else bias.contiguous()
+        flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=has_cap, USE_FP64=fp64, DOT_PREC=_dot_prec(hidden.dtype),
+                     UPCAST=_upcast(hidden))
+
+        def launch(tile):
+            splits, v_per_split = _n_splits(n, V, tile.block_n, tile.block_v, dev)
+            part = torch.empty((5, splits, n), dtype=sdt, device=dev)
+            _linear_fwd_kernel[(triton.cdiv(n, tile.block_n), splits)](
+                hidden, weight, bias_arg, labels, part, n, V, H, hidden.stride(0), weight.stride(0), v_per_split,
+                scale, cap, temp, **flags, **tile.launch_kwargs())
+            _linear_combine_kernel[(triton.cdiv(n, _COMBINE_BLOCK),)](
+                part, logp, lse, ent, sq, n, splits, BLOCK=_COMBINE_BLOCK, num_warps=4)
+
+        launch(_autotune.choose(tuple(flags.values()), hidden.dtype, False, n, V, H, dev,
+                                _head_tiles.device_arch(dev), launch))
     return RowStats(logp, lse, ent if want_entropy else None, sq if want_sqsum else None)
 
 
@@ -316,8 +312,6 @@ def linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_
         else:
             assert entropy is not None, "the Function saves entropy whenever an entropy gradient can come"
         scale, cap, temp, has_cap = transform_args(logit_scale, softcap, temperature)
-        bn, bv, bk, warps = _config(hidden.dtype, backward=True)
-        grid = (triton.cdiv(n, bn) * triton.cdiv(V, bv),)
         dummy = gh if gh is not None else gw if gw is not None else gb
         labels = labels.contiguous()
         # filtering: a negligible entry has |dL/draw| <= filter_eps * |logit_scale| / temperature * (|g_logp| + |g_ent|)
@@ -326,16 +320,30 @@ def linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_
         filter_scale = filter_eps * abs(scale) / temp if filtering else 0.0
         sorted_ = vocab_order is not None
         assert not sorted_ or (vocab_order.dtype == torch.int64 and vocab_order.shape == (V,)), vocab_order
-        _linear_bwd_kernel[grid](
-            hidden, weight, hidden if bias is None else bias.contiguous(), labels, lse.contiguous(),
-            entropy.contiguous(), grad_logp.contiguous(), grad_entropy.contiguous(),
-            dummy if gh is None else gh, dummy if gw is None else gw, dummy if gb is None else gb, skipped,
-            vocab_order.contiguous() if sorted_ else labels, n, V, H, hidden.stride(0), weight.stride(0), scale, cap, temp, filter_scale, int(need_h), int(need_w),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=has_cap, USE_FP64=fp64,
-            DOT_PREC=_dot_prec(hidden.dtype), UPCAST=_upcast(hidden), BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
-            GROUP_N=8, FILTER=filtering, SORTED=sorted_, num_warps=warps)
+        args = (hidden, weight, hidden if bias is None else bias.contiguous(), labels, lse.contiguous(),
+                entropy.contiguous(), grad_logp.contiguous(), grad_entropy.contiguous(),
+                dummy if gh is None else gh, dummy if gw is None else gw, dummy if gb is None else gb, skipped,
+                vocab_order.contiguous() if sorted_ else labels, n, V, H, hidden.stride(0), weight.stride(0), scale,
+                cap, temp, filter_scale, int(need_h), int(need_w))
+        flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=has_cap, USE_FP64=fp64, DOT_PREC=_dot_prec(hidden.dtype),
+                     UPCAST=_upcast(hidden), GROUP_N=8, FILTER=filtering, SORTED=sorted_)
+
+        def grid(tile):
+            return (triton.cdiv(n, tile.block_n) * triton.cdiv(V, tile.block_v),)
+
+        def launch(tile):
+            _linear_bwd_kernel[grid(tile)](*args, **flags, **tile.launch_kwargs())
+
+        def reset():  # the tuner's trial launches added into the outputs
+            for buffer in (gh, gw, gb, skipped if filtering else None):
+                if buffer is not None:
+                    buffer.zero_()
+
+        tile = _autotune.choose(tuple(flags.values()) + (need_h, need_w), hidden.dtype, True, n, V, H, dev,
+                                _head_tiles.device_arch(dev), launch, reset)
+        launch(tile)
         if filtering:
-            skip_counter.add(skipped, grid[0])  # stays on the device until read
+            skip_counter.add(skipped, grid(tile)[0])  # stays on the device until read
 
     def cast(g, like):
         return None if g is None else (g if g.dtype == like.dtype else g.to(like.dtype))

@@ -21,13 +21,14 @@ import warnings
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 HEADS = ("auto", "fused", "tiles")
+TILE_CHOICES = ("table", "autotune")  # how the fused head picks its tiles (kernels/_head_tiles.py, _autotune.py)
 ISSUE_SHAPE = (16384, 4096, 128256)  # N, H, V of the head call of issue 16 (docs/bench.md), shown by `prefopt info`
 
 class _Setting:
     """A choice read at call time: a `use_*` context manager wins over its environment variable."""
 
-    def __init__(self, what: str, env: str, valid: tuple):
-        self.what, self.env, self.valid = what, env, valid
+    def __init__(self, what: str, env: str, valid: tuple, default: str = "auto"):
+        self.what, self.env, self.valid, self.default = what, env, valid, default
         self.override: contextvars.ContextVar[str | None] = contextvars.ContextVar(f"prefopt_{what}", default=None)
 
     def check(self, name: str) -> str:
@@ -47,7 +48,7 @@ class _Setting:
         name = self.override.get()
         if name is None:
             try:
-                name = self.check(os.environ.get(self.env, "auto"))
+                name = self.check(os.environ.get(self.env, self.default))
             except ValueError as err:
                 raise ValueError(f"{self.env}: {err}") from None
         return name
@@ -55,6 +56,7 @@ class _Setting:
 
 _BACKEND = _Setting("backend", "PREFOPT_BACKEND", BACKENDS)
 _HEAD = _Setting("head", "PREFOPT_HEAD", HEADS)
+_TILES = _Setting("tile choice", "PREFOPT_TILES", TILE_CHOICES, default="table")
 
 
 def use_backend(name: str):
@@ -75,6 +77,17 @@ def use_head(name: str):
 def requested_head() -> str:
     """The head asked for: use_head() wins over the PREFOPT_HEAD variable (read at call time)."""
     return _HEAD.requested()
+
+
+def use_tiles(name: str):
+    """How the enclosed fused-head launches pick their tiles: "table" (the per-architecture table, the default)
+    or "autotune" (time the pruned candidates once per shape bucket; kernels/_autotune.py)."""
+    return _TILES.use(name)
+
+
+def requested_tiles() -> str:
+    """use_tiles() wins over the PREFOPT_TILES variable (read at call time; default "table")."""
+    return _TILES.requested()
 
 
 @functools.lru_cache(maxsize=None)
@@ -149,9 +162,10 @@ def head_prediction(n_tokens: int, hidden_size: int, vocab: int, dtype):
     from prefopt.cost_model import choose_head
     from prefopt.cpu.chunked import tile_shape
     from prefopt.kernels.linear_logprobs import _config
-    return choose_head(n_tokens, hidden_size, vocab, dtype, fused_forward_blocks=_config(dtype, False)[:2],
-                       fused_backward_blocks=_config(dtype, True)[:2], tile=tile_shape(n_tokens, vocab, None),
-                       fp32_precision=torch.get_float32_matmul_precision())
+    forward, backward = _config(dtype, False), _config(dtype, True)  # the sm_90 tiles: the model is an H100's
+    return choose_head(n_tokens, hidden_size, vocab, dtype, fused_forward_blocks=(forward.block_n, forward.block_v),
+                       fused_backward_blocks=(backward.block_n, backward.block_v),
+                       tile=tile_shape(n_tokens, vocab, None), fp32_precision=torch.get_float32_matmul_precision())
 
 
 def resolve_head(device, n_tokens: int, hidden_size: int, vocab: int, dtype) -> str:
@@ -199,6 +213,10 @@ def backend_info() -> dict:
         info["head"] = requested_head()
     except ValueError as err:
         info["head"] = f"invalid: {err}"
+    try:
+        info["fused head tiles"] = requested_tiles()
+    except ValueError as err:
+        info["fused head tiles"] = f"invalid: {err}"
     for dev in ("cpu", "cuda"):
         info[f"cpp/{dev}"] = cpp_status(dev)
         info[f"triton/{dev}"] = triton_status(dev)

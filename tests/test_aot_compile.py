@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench.aot_launches import _matmul_precision  # noqa: E402
 from kernels import linear_logprobs, logprobs, preference_loss, sequence_sums  # noqa: E402
 
 MODULES = (logprobs, linear_logprobs, sequence_sums)
@@ -56,6 +57,10 @@ def _check(rows):
     for r in rows:
         assert 0 < r["regs"] <= 255
         assert r["shared"] <= (232448 if r["arch"] == "sm_90" else 166912), r  # opt-in smem per block
+        if r.get("smem_bound") is not None:  # a fused-head tile: the bound autotune pruning trusts holds
+            assert r["shared"] <= r["smem_bound"], r
+            # the sm_80 tiles also run on the 99 KiB parts (sm_86/89/120; kernels/_head_tiles.py)
+            assert r["arch"] == "sm_90" or r["shared"] <= 101376, r
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
 
 
@@ -83,11 +88,21 @@ def test_launches_cover_every_kernel_and_launcher_choice(launches):
     for V in (1, 77, 1000, 8192, 8193, 32000, 128256, 262144):
         assert logprobs._config(V) in row_cfgs
     import torch
+    from kernels import _head_tiles
+    from kernels._head_tiles import Tile
+    # the fused head: on each arch, every table tile and every autotune candidate (pruned at the issue shape) of
+    # every dtype and fp32 math mode is among the launches compiled for that arch
     for kernel, backward in (("_linear_fwd_kernel", False), ("_linear_bwd_kernel", True)):
-        cfgs = {(r["constexprs"]["BLOCK_N"], r["constexprs"]["BLOCK_V"], r["constexprs"]["BLOCK_K"], r["num_warps"])
-                for r in by_kernel[kernel]}
-        for dt in (torch.float32, torch.bfloat16, torch.float16):
-            assert linear_logprobs._config(dt, backward) in cfgs
+        for arch in (80, 90):
+            tiles = {Tile(r["constexprs"]["BLOCK_N"], r["constexprs"]["BLOCK_V"], r["constexprs"]["BLOCK_K"],
+                          r["num_warps"], r["num_stages"])
+                     for r in by_kernel[kernel] if r["arch"] == f"sm_{arch}"}
+            for dt, precision in ((torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, "highest"),
+                                  (torch.float16, "highest")):
+                with _matmul_precision(precision):
+                    assert linear_logprobs._config(dt, backward, arch) in tiles, (kernel, arch, dt, precision)
+                    wanted = set(_head_tiles.candidates(dt, backward, arch, 16384, 128256))
+                assert wanted <= tiles, (kernel, arch, dt, precision, wanted - tiles)
     seg = {(r["constexprs"]["BLOCK"], r["num_warps"]) for r in by_kernel["_segment_fwd_kernel"]}
     for n, s in ((10, 1), (100, 10), (4096, 8), (10 ** 6, 3)):
         assert sequence_sums._config(n, s) in seg

@@ -111,7 +111,8 @@ def test_cpu_head_and_triton_skip_the_same_blocks(dtype, monkeypatch):
     at row 0 and column 0), both count the same blocks and skip the same ones, and their filtered gradients agree to
     rounding."""
     from prefopt.kernels import linear_logprobs as triton_head
-    block_rows, block_cols = triton_head._config(dtype, backward=True)[:2]
+    tile = triton_head._config(dtype, backward=True)
+    block_rows, block_cols = tile.block_n, tile.block_v
     monkeypatch.setattr(chunked, "FILTER_ROWS", block_rows)
     monkeypatch.setattr(chunked, "FILTER_COLS", block_cols)
     assert chunked.tile_shape(N, V, None) == (N, V)
