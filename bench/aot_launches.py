@@ -128,6 +128,27 @@ def _segment_case(n_tokens, n_segments, weighted, average, quick):
                 quick)
 
 
+LOSS_PAIRS = (1, 1001, 4096)  # one pair (P becomes a constant), a ragged count, a 16-divisible one
+
+
+def _loss_case(spec_tag, pairs, need_grad, out_dtype, quick):
+    """The pair-loss launchers as prefopt/losses/function.py calls them: the generated `_pair_kernel` of one loss
+    configuration (fp32 compute), then `_scale_kernel` back to the input dtype. `aot_configs` lists every loss
+    configuration with P unspecialised; these cases add what P itself does to the binding."""
+    from kernels import preference_loss as losses
+    spec = dict(losses._aot_specs_by_tag())[spec_tag]
+    n_params = len(losses.PARAM_NAMES) + len(spec.losses)
+
+    def run():
+        x = {name: _meta((pairs,), torch.float32) for name in losses._needed_inputs(spec)}
+        losses.pair_forward(spec, x, _meta((n_params,), torch.float32), need_grad, torch.float32)
+        if need_grad:
+            losses.backward_scale(_meta((pairs,), torch.float32), _meta((), torch.float32), out_dtype)
+
+    label = f"{spec_tag} P={pairs} grad={int(need_grad)}" + (f" out={_dtype_name(out_dtype)}" if need_grad else "")
+    return Case("kernels.preference_loss", label, run, quick)
+
+
 def cases(module):
     """The launch cases of one kernel module, the --quick ones flagged. Every constexpr combination runs at an
     aligned shape; the ragged and single-row shapes (which change only the integer specialisation) and the
@@ -160,6 +181,12 @@ def cases(module):
                         out.append(_row_case(vocab, dtype, softcap, entropy_grad, softcap and entropy_grad))
             for vocab in ROW_VOCABS_RAGGED:
                 out.append(_row_case(vocab, dtype, True, True, False))
+    elif module == "kernels.preference_loss":
+        for pairs in LOSS_PAIRS:
+            for tag in ("heaviest", "kto"):
+                out.append(_loss_case(tag, pairs, False, torch.float32, False))
+                for out_dtype in (torch.float32, torch.bfloat16):
+                    out.append(_loss_case(tag, pairs, True, out_dtype, tag == "heaviest" and pairs == 4096))
     elif module == "kernels.sequence_sums":
         for n_tokens, n_segments in ((4 * 4096, 4), (4096, 64), (1001, 3)):
             for weighted in (False, True):

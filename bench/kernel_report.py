@@ -34,7 +34,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = ("kernels.logprobs", "kernels.linear_logprobs", "kernels.sequence_sums", "kernels.preference_loss")
-LAUNCHED = MODULES[:3]  # compiled from recorded launches; the loss kernels from their generated configs
+LAUNCHED = MODULES[:3]  # compiled from recorded launches; the loss kernels from their generated configs...
+LAUNCHED_TOO = ("kernels.preference_loss",)  # ...and from recorded launches too (what P itself binds)
 ARCH_NAMES = {80: "sm_80", 90: "sm_90a"}
 
 
@@ -207,7 +208,7 @@ def compile_one(job):
                seconds=None, error=None)
     t0 = time.time()
     try:
-        if module in LAUNCHED:
+        if isinstance(index, tuple):  # a recorded launch
             case_index, call_index = index
             case = _launches().cases(module)[case_index]
             fn, (signature, constexprs, attrs, options) = _bound(module, case_index, call_index, arch)
@@ -243,7 +244,8 @@ def launch_jobs(module, arch, quick=False):
             continue
         for call_index in range(len(_recorded(module, case_index, arch))):
             fn, (signature, constexprs, attrs, options) = _bound(module, case_index, call_index, arch)
-            key = (fn.__name__, repr(signature), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
+            # cache_key (a hash of the source), not only the name: every generated loss kernel is `_pair_kernel`
+            key = (fn.cache_key, repr(signature), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
                    options.num_warps, options.num_stages)
             if key not in seen:
                 seen.add(key)
@@ -275,6 +277,8 @@ def jobs_for(archs=(80, 90), quick=False, modules=MODULES):
                 work += launch_jobs(module, arch, quick)
             else:
                 work += [(module, i, arch) for i in (_quick_indices(module) if quick else range(len(_configs(module))))]
+                if module in LAUNCHED_TOO and not _variant_args(module):  # the default variant only
+                    work += launch_jobs(module, arch, quick)
     return work
 
 
@@ -282,7 +286,7 @@ def describe_one(job):
     """The row of a job without compiling it: what the launch binds (for tests and --dry-run)."""
     module, index, arch = job
     row = dict(module=module.split(".")[-1], arch=f"sm_{arch}")
-    if module in LAUNCHED:
+    if isinstance(index, tuple):  # a recorded launch
         case_index, call_index = index
         case = _launches().cases(module)[case_index]
         fn, (signature, constexprs, attrs, options) = _bound(module, case_index, call_index, arch)

@@ -129,31 +129,32 @@ def table_tile(dtype, backward: bool, arch: int = ASSUMED_ARCH) -> Tile:
 
 
 # The autotune candidates per table: variations of the table entry (listed first) that compiled without spills for
-# that table's arch on every launched specialisation (tests/test_aot_compile.py compiles them all). Stages trade
-# shared memory for latency hiding and the tile's shape trades hidden re-reads against weight re-reads, which only a
-# GPU can weigh; shorter tiles (32 rows) waste less on short inputs and put more programs on the GPU. Compiled and
+# that table's arch on every launched specialisation (tests/test_aot_compile.py compiles them all). A fourth stage
+# trades shared memory for latency hiding and the tile's shape trades hidden re-reads against weight re-reads, which
+# only a GPU can weigh; shorter tiles (32 rows) waste less on short inputs and put more programs on the GPU. Two
+# stages are not offered: for every tile here the registers limit the CTAs per SM at least as much as the shared
+# memory does (e.g. 212 registers x 256 threads: one CTA), so saving shared memory buys no occupancy. Compiled and
 # left out because they spilled: 32 x 128 forwards at 8 warps on sm_90 (8 bytes; they cap at 128 registers), every
 # 4-warp 16-bit or tf32 forward on sm_90 (4-16 bytes), 4-warp exact-fp32 forwards on sm_80 (8-16 bytes), the 4-warp
 # exact-fp32 32 x 64 backward (16-472 bytes), the 128 x 128 forwards (above) and the 64 x 256 forwards at 4 stages on
 # sm_90 (spill-free in the heaviest specialisation, 4 bytes without bias).
-_16BIT_BACKWARD = (Tile(64, 128, 32, 8), Tile(64, 128, 32, 8, 2), Tile(64, 128, 32, 8, 4), Tile(64, 64, 32, 4),
+_16BIT_BACKWARD = (Tile(64, 128, 32, 8), Tile(64, 128, 32, 8, 4), Tile(64, 64, 32, 4),
                    Tile(32, 128, 32, 4))
 CANDIDATES = {
     (90, "forward", "16bit"): (Tile(64, 256, 64, 8), Tile(64, 128, 64, 8), Tile(64, 128, 64, 8, 4),
                                Tile(32, 256, 64, 8)),
     (90, "forward", "tf32"): (Tile(64, 256, 32, 8), Tile(64, 128, 32, 8), Tile(64, 128, 32, 8, 4)),
-    (90, "forward", "ieee"): (Tile(64, 128, 32, 8), Tile(64, 128, 32, 8, 2), Tile(64, 64, 32, 4),
-                              Tile(32, 128, 32, 4)),
+    (90, "forward", "ieee"): (Tile(64, 128, 32, 8), Tile(64, 64, 32, 4), Tile(32, 128, 32, 4)),
     (90, "backward", "16bit"): _16BIT_BACKWARD,
-    (90, "backward", "tf32"): (Tile(32, 64, 32, 8), Tile(32, 64, 32, 8, 2), Tile(32, 64, 32, 4), Tile(16, 64, 32, 4)),
-    (90, "backward", "ieee"): (Tile(32, 64, 32, 8), Tile(32, 64, 32, 8, 2), Tile(16, 64, 32, 4)),
+    (90, "backward", "tf32"): (Tile(32, 64, 32, 8), Tile(32, 64, 32, 4), Tile(16, 64, 32, 4)),
+    (90, "backward", "ieee"): (Tile(32, 64, 32, 8), Tile(16, 64, 32, 4)),
     (80, "forward", "16bit"): (Tile(64, 256, 32, 8), Tile(64, 256, 32, 8, 4), Tile(64, 128, 64, 8),
                                Tile(64, 128, 64, 8, 4), Tile(32, 128, 64, 8)),
     (80, "forward", "tf32"): (Tile(64, 128, 32, 8), Tile(64, 128, 32, 8, 4), Tile(32, 128, 32, 8)),
-    (80, "forward", "ieee"): (Tile(64, 128, 32, 8), Tile(64, 128, 32, 8, 2), Tile(32, 128, 32, 8)),
+    (80, "forward", "ieee"): (Tile(64, 128, 32, 8), Tile(32, 128, 32, 8)),
     (80, "backward", "16bit"): _16BIT_BACKWARD,
-    (80, "backward", "tf32"): (Tile(32, 64, 32, 8), Tile(32, 64, 32, 8, 2), Tile(32, 64, 32, 4), Tile(16, 64, 32, 4)),
-    (80, "backward", "ieee"): (Tile(32, 64, 32, 8), Tile(32, 64, 32, 8, 2), Tile(16, 64, 32, 4)),
+    (80, "backward", "tf32"): (Tile(32, 64, 32, 8), Tile(32, 64, 32, 4), Tile(16, 64, 32, 4)),
+    (80, "backward", "ieee"): (Tile(32, 64, 32, 8), Tile(16, 64, 32, 4)),
 }
 
 

@@ -241,10 +241,10 @@ def _n_splits(n, V, block_n, block_v, device):
 
 
 def _dot_prec(dtype):
-    """fp32 inputs follow torch's matmul setting (highest -> exact fp32 'ieee', else tf32)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    """tl.dot's input_precision: "tf32" where the tile table's math mode is tf32 (fp32 inputs under torch's
+    non-"highest" matmul precision: kernels/_head_tiles.py holds that rule), "ieee" otherwise (16-bit inputs
+    ignore it)."""
+    return "tf32" if _head_tiles.math_mode(dtype) == "tf32" else "ieee"
 
 
 def _upcast(hidden):

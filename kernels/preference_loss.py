@@ -325,6 +325,15 @@ def _aot_specs():
     return out
 
 
+def _aot_specs_by_tag():
+    """Named loss configurations for bench/aot_launches.py's recorded launches: "heaviest" (every loss that takes an
+    f-divergence, alpha divergence, lengths and WPO weights: the most live values) and "kto" (kto_loss)."""
+    specs = _aot_specs()
+    heaviest = next(s for tag, s in specs if tag == "quick" and s.divergence == "alpha_divergence")
+    kto = next(s for tag, s in specs if s.losses == ("kto",))
+    return (("heaviest", heaviest), ("kto", kto))
+
+
 def _aot_pair_sig(dt):
     sig = {f"{n}_ptr": f"*{dt}" for n in _INPUTS}
     sig["prm_ptr"] = f"*{dt}"
@@ -358,7 +367,7 @@ def aot_configs(variant="default"):
             if tag == "stress":
                 out.append((get_kernel(spec, True, False), _aot_pair_sig(ct), dict(BLOCK=MAX_BLOCK), 4))
         return out
-    heaviest = next(s for tag, s in specs if tag == "quick" and s.divergence == "alpha_divergence")
+    heaviest = dict(_aot_specs_by_tag())["heaviest"]
     for tag, spec in specs:
         if tag == "stress":
             continue

@@ -125,6 +125,27 @@ def test_launches_bind_the_real_specialisation(launches):
     assert single and all(r["constexprs"].get("N") == 1 for r in single)
 
 
+def test_loss_kernels_are_also_compiled_as_launched(tmp_path):
+    """The loss kernels' configurations leave P unspecialised; the recorded launches add what P binds: one pair makes
+    P a constant, 4096 pairs make it 16-divisible, 1001 neither, for the generated pair kernel (forward-only and
+    forward+grad, two loss configurations) and the backward scale kernel."""
+    rows, _ = _report(tmp_path, "--dry-run", "--modules", "kernels.preference_loss", timeout=600)
+    launched = [r for r in rows if "spec" in r]
+    listed = [r for r in rows if "spec" not in r]
+    assert len(listed) == 2 * len(preference_loss.aot_configs())
+    for arch in ("sm_80", "sm_90"):
+        mine = [r for r in launched if r["arch"] == arch]
+        assert {r["kernel"] for r in mine} == {"_pair_kernel", "_scale_kernel"}
+        one = [r for r in mine if " P=1 " in r["config"]]
+        assert one and all(r["constexprs"].get("P") == 1 for r in one)
+        aligned = [r for r in mine if " P=4096 " in r["config"]]
+        assert aligned and all("P" in r["divisible"] and "P" not in r["constexprs"] for r in aligned)
+        ragged = [r for r in mine if " P=1001 " in r["config"]]
+        assert ragged and all("P" not in r["divisible"] and "P" not in r["constexprs"] for r in ragged)
+        # both loss configurations, forward-only and forward+grad: four distinct pair kernels per P
+        assert len({r["config"] for r in aligned if r["kernel"] == "_pair_kernel"}) == 4
+
+
 @needs_ptxas
 def test_spill_check_catches_a_forced_spilling_tile(tmp_path):
     """The check can fail: a row backward forced to 16384-wide tiles over 4 warps (128 values per thread in

@@ -255,13 +255,29 @@ def test_long_sequence_float32_as_close_to_float64_truth_as_eager(backend):
     truth_h, truth_w = hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
     truth = run(truth_h, truth_w, fused=False)
     fused, eager = run(hidden, weight, fused=True), run(hidden, weight, fused=False)
+    # What float64 sums cannot remove: each token's float32 log-prob (z_label - lse, from a float32 GEMM) carries
+    # a rounding error of about eps32 * (|z_label| + |lse|) of its own, with a machine-dependent sign (GEMM kernels
+    # differ between CPUs). Over the 4 sequences' tokens these add like a random walk: `token_noise` is its size in
+    # the margin (1 sigma; the loss moves by at most as much). The fused loss and margin must sit within 10 sigma of
+    # it; at 32768 tokens eager float32, which also rounds each running sum, is off by more.
+    mask = labels != -100
+    with torch.no_grad():
+        per_token = []
+        for h, w in ((hidden, weight), (ref_hidden, ref_weight)):
+            logits = h.double() @ w.double().T
+            z = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            per_token.append(((z.abs() + logits.logsumexp(-1).abs()) * torch.finfo(torch.float32).eps)[mask])
+        token_noise = case["beta"] * float(torch.cat(per_token).square().sum().sqrt())
     names = ["loss", "rewards/margins", "grad hidden", "grad weight"]
     for name, f, e, t in zip(names, fused, eager, truth):
         err_fused, err_eager = float((f - t).abs().max()), float((e - t).abs().max())
         assert err_fused <= err_eager, (name, err_fused, err_eager)
-        print(f"{backend} T={length} {name}: |fused - f64| {err_fused:.3g}, |eager f32 - f64| {err_eager:.3g}")
+        print(f"{backend} T={length} {name}: |fused - f64| {err_fused:.3g}, |eager f32 - f64| {err_eager:.3g}, "
+              f"token noise {token_noise:.3g}")
         if name in ("loss", "rewards/margins"):  # gradients also carry float32 GEMM accumulation over 2T tokens
-            assert err_fused <= 1e-5 * max(1.0, float(t.abs().max())), (name, err_fused)
+            assert err_fused <= 10 * token_noise, (name, err_fused, token_noise)
+        if name == "rewards/margins" and length >= 32768:  # the bound tells a float32 sum apart at this length
+            assert err_eager > 10 * token_noise, (name, err_eager, token_noise)
 
 
 @pytest.mark.slow
