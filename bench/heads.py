@@ -161,6 +161,18 @@ def table(predicted, auto, measured=None):
     return "\n".join(lines)
 
 
+def _fused_tiles():
+    """How the fused head picked its tiles in this run: the table (PREFOPT_TILES=table) or what the autotune chose
+    per pass (PREFOPT_TILES=autotune: the warm-up steps tune, the timed steps run the choice)."""
+    from prefopt._backend import requested_tiles
+    from prefopt.kernels import _autotune
+    mode = requested_tiles()
+    if mode != "autotune":
+        return f"{mode} (PREFOPT_TILES)"
+    picked = "; ".join(f"{key[1]}: {tile}" for key, (tile, _) in _autotune.choices().items())
+    return f"autotune (PREFOPT_TILES): {picked or 'nothing tuned'}"
+
+
 def main_heads(args, out=print, err=None):
     err = err or (lambda msg: print(msg, file=sys.stderr, flush=True))
     predicted, auto = predictions(args)
@@ -178,13 +190,14 @@ def main_heads(args, out=print, err=None):
     if args.device.startswith("cuda"):
         header += f"; measured on {torch.cuda.get_device_name(torch.device(args.device))}"
     measured, diff = measure(args, log=err)
+    tiles = _fused_tiles()
     faster = min(HEADS, key=lambda h: measured[h]["total_s"])
     out(f"{header}\n\n{table(predicted, auto, measured)}\n\nauto picks {auto}; measured faster: {faster}; "
-        f"largest |fused - tiles|: " + ", ".join(f"{k} {v:.3g}" for k, v in diff.items()))
+        f"largest |fused - tiles|: " + ", ".join(f"{k} {v:.3g}" for k, v in diff.items()) + f"\nfused head tiles: {tiles}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), predicted=predicted, auto=auto, measured=measured, difference=diff), f,
-                      indent=1)
+            json.dump(dict(args=vars(args), predicted=predicted, auto=auto, measured=measured, difference=diff,
+                           fused_tiles=tiles), f, indent=1)
     return 0
 
 

@@ -176,3 +176,18 @@ def test_heads_bench_measures_on_cpu_under_the_interpreter(capsys, tmp_path):
     assert set(doc["measured"]) == {"fused", "tiles"} and all(m["total_s"] > 0 for m in doc["measured"].values())
     assert doc["difference"]["logp"] < 1e-5 and doc["difference"]["grad_weight"] < 1e-5
     assert "measured faster:" in out
+    assert doc["fused_tiles"] == "table (PREFOPT_TILES)" and "fused head tiles: table" in out
+
+
+def test_heads_bench_reports_what_the_autotune_picked(capsys, monkeypatch):
+    from prefopt.kernels import _autotune
+    monkeypatch.setenv("PREFOPT_TILES", "autotune")
+    _autotune.clear()
+    try:
+        assert main(["--heads", "--device", "cpu", "--tokens", "24", "--hidden", "16", "--vocab", "300", "--dtype",
+                     "float32", "--repeats", "1", "--warmup", "1"]) == 0
+    finally:
+        _autotune.clear()
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("fused head tiles:")]
+    assert line and line[0].startswith("fused head tiles: autotune (PREFOPT_TILES): ")
+    assert "forward: " in line[0] and "backward: " in line[0]
