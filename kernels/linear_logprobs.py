@@ -32,6 +32,9 @@ logits = hidden @ weight.T (+ bias) never exist in global memory:
   rows, bias and labels are addressed through them and grad_weight / grad_bias rows are added at them. Entries
   that are negligible for most tokens then share tiles, which FILTER skips whole. The forward needs no order
   (its statistics do not depend on it), so `linear_forward` ignores it. The CPU twin is prefopt/cpu/chunked.py.
+Tiles (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages): the per-architecture table of kernels/_head_tiles.py, or with
+PREFOPT_TILES=autotune the fastest of its pruned candidates (kernels/_autotune.py); both launchers hand the tuner a
+`launch(tile)` closure, and the backward a `reset` for the outputs its trial launches add into.
 """
 import torch
 import triton
