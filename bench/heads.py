@@ -193,7 +193,8 @@ def main_heads(args, out=print, err=None):
     tiles = _fused_tiles()
     faster = min(HEADS, key=lambda h: measured[h]["total_s"])
     out(f"{header}\n\n{table(predicted, auto, measured)}\n\nauto picks {auto}; measured faster: {faster}; "
-        f"largest |fused - tiles|: " + ", ".join(f"{k} {v:.3g}" for k, v in diff.items()) + f"\nfused head tiles: {tiles}")
+        f"largest |fused - tiles|: " + ", ".join(f"{k} {v:.3g}" for k, v in diff.items())
+        + f"\nfused head tiles: {tiles}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), predicted=predicted, auto=auto, measured=measured, difference=diff,
