@@ -64,8 +64,8 @@ def _dtype_name(dtype, precision="highest"):
 
 def _head_case(shape, dtype, precision, bias, softcap, grads, quick, filter_eps=None, sorted_=False,
                autotune=False):
-    from kernels import _autotune
-    from kernels import linear_logprobs as head
+    from prefopt.kernels import _autotune
+    from prefopt.kernels import linear_logprobs as head
     from prefopt._backend import use_tiles
     n, hidden_size, vocab = shape
     need_h, need_w = grads
@@ -94,11 +94,11 @@ def _head_case(shape, dtype, precision, bias, softcap, grads, quick, filter_eps=
     label = f"N={n} H={hidden_size} V={vocab} {_dtype_name(dtype, precision)} {' '.join(flags)} grads={grads_text}"
     head_call = dict(n=n, hidden=hidden_size, vocab=vocab, dtype=dtype, fp32_precision=precision,
                      need_grad_hidden=need_h, need_grad_weight=need_w)
-    return Case("kernels.linear_logprobs", " ".join(label.split()), run, quick, head_call)
+    return Case("prefopt.kernels.linear_logprobs", " ".join(label.split()), run, quick, head_call)
 
 
 def _row_case(vocab, dtype, softcap, entropy_grad, quick):
-    from kernels import logprobs as rows
+    from prefopt.kernels import logprobs as rows
     n = 4096
 
     def run():
@@ -109,11 +109,11 @@ def _row_case(vocab, dtype, softcap, entropy_grad, quick):
                           _meta((n,), torch.float32) if entropy_grad else None, -100, 1.0, cap, 1.0)
 
     flags = [f for f, on in (("softcap", softcap), ("entropy-grad", entropy_grad)) if on]
-    return Case("kernels.logprobs", " ".join([f"V={vocab}", _dtype_name(dtype)] + flags), run, quick)
+    return Case("prefopt.kernels.logprobs", " ".join([f"V={vocab}", _dtype_name(dtype)] + flags), run, quick)
 
 
 def _segment_case(n_tokens, n_segments, weighted, average, quick):
-    from kernels import sequence_sums as segments
+    from prefopt.kernels import sequence_sums as segments
 
     def run():
         values = _meta((n_tokens,), torch.float32)
@@ -124,7 +124,7 @@ def _segment_case(n_tokens, n_segments, weighted, average, quick):
                                   n_tokens)
 
     flags = [f for f, on in (("weights", weighted), ("average", average)) if on]
-    return Case("kernels.sequence_sums", " ".join([f"tokens={n_tokens} sequences={n_segments}"] + flags), run,
+    return Case("prefopt.kernels.sequence_sums", " ".join([f"tokens={n_tokens} sequences={n_segments}"] + flags), run,
                 quick)
 
 
@@ -135,7 +135,7 @@ def _loss_case(spec_tag, pairs, need_grad, out_dtype, quick):
     """The pair-loss launchers as prefopt/losses/function.py calls them: the generated `_pair_kernel` of one loss
     configuration (fp32 compute), then `_scale_kernel` back to the input dtype. `aot_configs` lists every loss
     configuration with P unspecialised; these cases add what P itself does to the binding."""
-    from kernels import preference_loss as losses
+    from prefopt.kernels import preference_loss as losses
     spec = dict(losses._aot_specs_by_tag())[spec_tag]
     n_params = len(losses.PARAM_NAMES) + len(spec.losses)
 
@@ -146,7 +146,7 @@ def _loss_case(spec_tag, pairs, need_grad, out_dtype, quick):
             losses.backward_scale(_meta((pairs,), torch.float32), _meta((), torch.float32), out_dtype)
 
     label = f"{spec_tag} P={pairs} grad={int(need_grad)}" + (f" out={_dtype_name(out_dtype)}" if need_grad else "")
-    return Case("kernels.preference_loss", label, run, quick)
+    return Case("prefopt.kernels.preference_loss", label, run, quick)
 
 
 def cases(module):
@@ -154,7 +154,7 @@ def cases(module):
     aligned shape; the ragged and single-row shapes (which change only the integer specialisation) and the
     one-gradient backwards run with every feature on."""
     out = []
-    if module == "kernels.linear_logprobs":
+    if module == "prefopt.kernels.linear_logprobs":
         head = []  # (positional, keyword) arguments of _head_case
         for dtype, precision in HEAD_DTYPES:
             for bias in (False, True):
@@ -173,7 +173,7 @@ def cases(module):
         # every autotune candidate (kernels/_head_tiles.py) the tuner would time, on every specialisation above: a
         # tile spill-free in the heaviest one can spill in a lighter or ragged one (128 x 128 forwards did)
         out += [_head_case(*args[:6], False, **kwargs, autotune=True) for args, kwargs in head]
-    elif module == "kernels.logprobs":
+    elif module == "prefopt.kernels.logprobs":
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for vocab in ROW_VOCABS_ALIGNED:
                 for softcap in (False, True):
@@ -181,13 +181,13 @@ def cases(module):
                         out.append(_row_case(vocab, dtype, softcap, entropy_grad, softcap and entropy_grad))
             for vocab in ROW_VOCABS_RAGGED:
                 out.append(_row_case(vocab, dtype, True, True, False))
-    elif module == "kernels.preference_loss":
+    elif module == "prefopt.kernels.preference_loss":
         for pairs in LOSS_PAIRS:
             for tag in ("heaviest", "kto"):
                 out.append(_loss_case(tag, pairs, False, torch.float32, False))
                 for out_dtype in (torch.float32, torch.bfloat16):
                     out.append(_loss_case(tag, pairs, True, out_dtype, tag == "heaviest" and pairs == 4096))
-    elif module == "kernels.sequence_sums":
+    elif module == "prefopt.kernels.sequence_sums":
         for n_tokens, n_segments in ((4 * 4096, 4), (4096, 64), (1001, 3)):
             for weighted in (False, True):
                 for average in (False, True):
@@ -203,7 +203,7 @@ def record(case, arch):
     kwargs)], nothing launched."""
     from triton.runtime.jit import JITFunction
 
-    from kernels._head_tiles import assume_arch
+    from prefopt.kernels._head_tiles import assume_arch
     calls = []
 
     def recorder(self, *args, grid, warmup, **kwargs):

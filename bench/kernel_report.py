@@ -1,10 +1,10 @@
 """Ahead-of-time compile every Triton kernel of prefopt (no GPU needed) and report its resources and cost.
 
-What is compiled is what launches. For ``kernels.logprobs``, ``kernels.linear_logprobs`` and
-``kernels.sequence_sums`` the real launchers run on meta tensors at GPU shapes with ``JITFunction.run`` replaced
+What is compiled is what launches. For ``prefopt.kernels.logprobs``, ``prefopt.kernels.linear_logprobs`` and
+``prefopt.kernels.sequence_sums`` the real launchers run on meta tensors at GPU shapes with ``JITFunction.run`` replaced
 by a recorder, and each recorded call is bound by Triton's own binder for the target (bench/aot_launches.py):
 the signature, constexprs, integers specialised to 1 and 16-divisibility attributes are the ones a launch on
-that GPU would compile, and identical specialisations are compiled once. ``kernels.preference_loss`` generates
+that GPU would compile, and identical specialisations are compiled once. ``prefopt.kernels.preference_loss`` generates
 a kernel per loss configuration; its ``aot_configs()`` lists a loss-type-complete set of them (a module may also
 define ``aot_label(fn, sig, cx)`` -> text for the config column and ``aot_quick()`` -> the indices ``--quick``
 compiles). Each kernel is compiled with ``triton.compile`` for sm_80 and sm_90 (GPUTarget), then the PTX goes
@@ -16,7 +16,7 @@ fused head also carry the cost model's FLOPs, bytes and roofline time (prefopt/c
     python bench/kernel_report.py --json out.json  # also dump the rows
     python bench/kernel_report.py --arch 90 --jobs 4
     python bench/kernel_report.py --quick          # heaviest launch per kernel and dtype only
-    python bench/kernel_report.py --modules kernels.preference_loss --loss-variant fp64   # or: stress
+    python bench/kernel_report.py --modules prefopt.kernels.preference_loss --loss-variant fp64   # or: stress
 
 ``triton.compile`` does not work in a process where TRITON_INTERPRET=1 (then @triton.jit builds
 InterpretedFunction objects without a compile path), so the script re-runs itself without it.
@@ -33,9 +33,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ("kernels.logprobs", "kernels.linear_logprobs", "kernels.sequence_sums", "kernels.preference_loss")
+MODULES = tuple(f"prefopt.kernels.{name}" for name in ("logprobs", "linear_logprobs", "sequence_sums", "preference_loss"))
 LAUNCHED = MODULES[:3]  # compiled from recorded launches; the loss kernels from their generated configs...
-LAUNCHED_TOO = ("kernels.preference_loss",)  # ...and from recorded launches too (what P itself binds)
+LAUNCHED_TOO = ("prefopt.kernels.preference_loss",)  # ...and from recorded launches too (what P itself binds)
 ARCH_NAMES = {80: "sm_80", 90: "sm_90a"}
 
 
@@ -50,7 +50,7 @@ def _module(module):
 
 
 _CONFIGS = {}
-LOSS_MODULE = "kernels.preference_loss"
+LOSS_MODULE = "prefopt.kernels.preference_loss"
 _VARIANT_ENV = "PREFOPT_AOT_LOSS_VARIANT"  # set by --loss-variant (inherited by the worker processes)
 
 
@@ -119,7 +119,7 @@ def _tensor_core_instructions(ptx):
 
 
 def _launches():
-    return _module("bench.aot_launches")
+    return _module(f"{__package__ or 'bench'}.aot_launches")
 
 
 _RECORDED = {}
@@ -159,7 +159,7 @@ def _cost_columns(case, fn, constexprs, arch, row):
     if case.head is None or fn.__name__ not in ("_linear_fwd_kernel", "_linear_bwd_kernel"):
         return
     from prefopt.cost_model import H100_SXM, head_costs
-    head = _module("kernels.linear_logprobs")
+    head = _module("prefopt.kernels.linear_logprobs")
     # this kernel's blocks are the launch's own (a table tile or an autotune candidate); the other kernel's
     # (head_costs prices both passes) are the table's
     named = {fn.arg_names[path[0]]: value for path, value in constexprs.items()}
@@ -181,7 +181,7 @@ def _head_tile(fn, constexprs, options):
     named = {fn.arg_names[path[0]]: value for path, value in constexprs.items()}
     if not {"BLOCK_N", "BLOCK_V", "BLOCK_K"} <= set(named):
         return None
-    from kernels._head_tiles import Tile
+    from prefopt.kernels._head_tiles import Tile
     return Tile(named["BLOCK_N"], named["BLOCK_V"], named["BLOCK_K"], options.num_warps, options.num_stages)
 
 
@@ -195,7 +195,7 @@ def _smem_bound(case, fn, constexprs, options, row):
     AOT test can check it against the compiled figure."""
     tile = _head_tile(fn, constexprs, options)
     if tile is not None and case.head is not None:
-        from kernels._head_tiles import smem_bytes
+        from prefopt.kernels._head_tiles import smem_bytes
         row["smem_bound"] = smem_bytes(tile, case.head["dtype"].itemsize, fn.__name__ == "_linear_bwd_kernel")
 
 

@@ -20,8 +20,11 @@ import logging
 import time
 
 from prefopt._backend import requested_tiles
+from prefopt._source_tree import require_prefopt_name
 
 from . import _head_tiles
+
+require_prefopt_name(__name__)
 
 logger = logging.getLogger("prefopt.autotune")
 

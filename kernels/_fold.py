@@ -16,6 +16,10 @@ a row holding +inf or NaN, or only -inf, folds to NaN statistics.
 import triton
 import triton.language as tl
 
+from prefopt._source_tree import require_prefopt_name
+
+require_prefopt_name(__name__)
+
 
 @triton.jit
 def to_acc(x, USE_FP64: tl.constexpr):

@@ -24,6 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
+from prefopt._source_tree import require_prefopt_name
+
+require_prefopt_name(__name__)
+
 ASSUMED_ARCH = 90
 _ARCH = contextvars.ContextVar("prefopt_head_arch", default=None)
 _CUDA_ARCH = {}

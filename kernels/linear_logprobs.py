@@ -40,12 +40,15 @@ import torch
 import triton
 import triton.language as tl
 
+from prefopt._source_tree import require_prefopt_name
 from prefopt._types import RowStats
 
 from prefopt.filtering import skip_counter
 
 from . import _autotune, _head_tiles
 from ._fold import dlogits, finish, fold, label_logp, merge, negligible_tile, to_acc, transform, transform_args
+
+require_prefopt_name(__name__)
 
 
 @triton.jit

@@ -9,9 +9,12 @@ import torch
 import triton
 import triton.language as tl
 
+from prefopt._source_tree import require_prefopt_name
 from prefopt._types import RowStats
 
 from ._fold import dlogits, finish, fold, label_logp, to_acc, transform, transform_args
+
+require_prefopt_name(__name__)
 
 
 @triton.jit

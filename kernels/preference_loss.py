@@ -33,7 +33,10 @@ import triton.language as tl
 # kernel) and fp64 stay free of register spills (1024 spilled; see bench/kernel_report.py).
 MAX_BLOCK = 256
 
+from prefopt._source_tree import require_prefopt_name  # noqa: E402
 from prefopt.losses.table import LOG1MEXP_SWITCH, PARAM_NAMES, PairSpec, _Params, pair_terms
+
+require_prefopt_name(__name__)
 
 
 # ------------------------------------------------------------------------------------------------------------

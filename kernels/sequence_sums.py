@@ -15,6 +15,10 @@ import triton.language as tl
 
 from ._fold import to_acc
 
+from prefopt._source_tree import require_prefopt_name
+
+require_prefopt_name(__name__)
+
 
 @triton.jit
 def _segment_fwd_kernel(v_ptr, w_ptr, cu_ptr, out_ptr, cnt_ptr,

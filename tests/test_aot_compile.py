@@ -15,12 +15,10 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from prefopt.bench.aot_launches import _matmul_precision
+from prefopt.kernels import linear_logprobs, logprobs, preference_loss, sequence_sums
 
-from bench.aot_launches import _matmul_precision  # noqa: E402
-from kernels import linear_logprobs, logprobs, preference_loss, sequence_sums  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODULES = (logprobs, linear_logprobs, sequence_sums)
 
@@ -71,7 +69,7 @@ def launches(tmp_path_factory):
     return rows
 
 
-LAUNCHED = ("kernels.logprobs", "kernels.linear_logprobs", "kernels.sequence_sums")
+LAUNCHED = ("prefopt.kernels.logprobs", "prefopt.kernels.linear_logprobs", "prefopt.kernels.sequence_sums")
 
 
 def test_launches_cover_every_kernel_and_launcher_choice(launches):
@@ -88,8 +86,8 @@ def test_launches_cover_every_kernel_and_launcher_choice(launches):
     for V in (1, 77, 1000, 8192, 8193, 32000, 128256, 262144):
         assert logprobs._config(V) in row_cfgs
     import torch
-    from kernels import _head_tiles
-    from kernels._head_tiles import Tile
+    from prefopt.kernels import _head_tiles
+    from prefopt.kernels._head_tiles import Tile
     # the fused head: on each arch, every table tile and every autotune candidate (pruned at the issue shape) of
     # every dtype and fp32 math mode is among the launches compiled for that arch
     for kernel, backward in (("_linear_fwd_kernel", False), ("_linear_bwd_kernel", True)):
@@ -129,7 +127,7 @@ def test_loss_kernels_are_also_compiled_as_launched(tmp_path):
     """The loss kernels' configurations leave P unspecialised; the recorded launches add what P binds: one pair makes
     P a constant, 4096 pairs make it 16-divisible, 1001 neither, for the generated pair kernel (forward-only and
     forward+grad, two loss configurations) and the backward scale kernel."""
-    rows, _ = _report(tmp_path, "--dry-run", "--modules", "kernels.preference_loss", timeout=600)
+    rows, _ = _report(tmp_path, "--dry-run", "--modules", "prefopt.kernels.preference_loss", timeout=600)
     launched = [r for r in rows if "spec" in r]
     listed = [r for r in rows if "spec" not in r]
     assert len(listed) == 2 * len(preference_loss.aot_configs())
@@ -153,11 +151,10 @@ def test_spill_check_catches_a_forced_spilling_tile(tmp_path):
     script = tmp_path / "force.py"
     script.write_text(
         "import json, sys\n"
-        f"sys.path[:0] = [{os.path.join(ROOT, 'bench')!r}, {ROOT!r}]\n"
-        "import kernel_report as kr\n"
-        "from kernels import logprobs as rows\n"
+        "from prefopt.bench import kernel_report as kr\n"
+        "from prefopt.kernels import logprobs as rows\n"
         "rows._config = lambda V: (16384, 4)\n"
-        "jobs = [j for j in kr.launch_jobs('kernels.logprobs', 90, quick=True)\n"
+        "jobs = [j for j in kr.launch_jobs('prefopt.kernels.logprobs', 90, quick=True)\n"
         "        if kr._bound(j[0], *j[1], 90)[0].__name__ == '_row_bwd_kernel'][:1]\n"
         "json.dump([kr.compile_one(j) for j in jobs], open(sys.argv[1], 'w'))\n")
     out = tmp_path / "rows.json"
@@ -237,6 +234,6 @@ def test_aot_compile_all_configs_no_spills(tmp_path):
 @pytest.mark.parametrize("variant", ["stress", "fp64"])
 def test_aot_compile_loss_long_lists_and_fp64_no_spills(tmp_path, variant):
     """All 15 reference-based losses in one kernel, and fp64 math: no spills at the launcher's MAX_BLOCK."""
-    rows, _ = _report(tmp_path, "--modules", "kernels.preference_loss", "--loss-variant", variant)
+    rows, _ = _report(tmp_path, "--modules", "prefopt.kernels.preference_loss", "--loss-variant", variant)
     assert len(rows) == len(preference_loss.aot_configs(variant)) * 2
     _check(rows)

@@ -6,20 +6,15 @@ torch.autograd. float64 inputs are compared at 1e-10 (the kernels accumulate in 
 bf16/fp16/fp32 inputs against the fp64 reference on the same (rounded) inputs, tolerances stated.
 """
 import os
-import sys
 
 import pytest
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="runs the Triton kernels on CPU through the interpreter")
 
-from kernels import linear_logprobs, logprobs, sequence_sums  # noqa: E402
+from prefopt.kernels import linear_logprobs, logprobs, sequence_sums  # noqa: E402  (after TRITON_INTERPRET)
 
 F64 = dict(atol=1e-10, rtol=1e-10)
 
