@@ -35,10 +35,12 @@ def _lora(model, name="default", **overrides):
                   init_lora_weights=False)  # random B: the adapter moves the logits
     kwargs.update(overrides)
     config = peft.LoraConfig(**kwargs)
-    if isinstance(model, peft.PeftModel):
-        model.add_adapter(name, config)
-        return model
-    return peft.get_peft_model(model, config, adapter_name=name)
+    with torch.random.fork_rng(devices=[]):  # the adapter's random init, the same on every run
+        torch.manual_seed(11)
+        if isinstance(model, peft.PeftModel):
+            model.add_adapter(name, config)
+            return model
+        return peft.get_peft_model(model, config, adapter_name=name)
 
 
 def _batch(batch=3, length=9, seed=0):
@@ -247,41 +249,13 @@ def test_patched_head_keeps_peft_forward():
 # ------------------------------------------------------------------------------------------------------------
 # the TRL drop-in and the trainer
 # ------------------------------------------------------------------------------------------------------------
-def _eager_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
-    """Stands in for TRL's `add_fused_lm_head` in a reference run: `fused_lm_head=True` returns TRL's per-token
-    fields computed from the model's own logits (so PEFT applies the adapter on lm_head), by log_softmax."""
-    import types
-
-    from trl.trainer.utils import FusedCausalLMOutput
-
-    original = model.forward
-
-    def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
-        if not fused_lm_head:
-            return original(*args, **kwargs) if labels is None else original(*args, labels=labels, **kwargs)
-        kwargs["use_cache"] = False
-        logits = original(*args, **kwargs).logits[:, :-1] / temperature
-        labels = labels[:, 1:]
-        mask = labels != -100
-        logp = torch.log_softmax(logits, -1)
-        log_probs = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * mask
-        entropy = -(logp.exp() * logp).sum(-1) * mask
-        mean_logits = logits.detach().mean(-1) * mask
-        is_top1 = (logits.detach().argmax(-1) == labels) & mask
-        log_sum_sq = torch.logsumexp(2 * logp.detach(), -1) * mask
-        return FusedCausalLMOutput(loss=-log_probs.sum() / mask.sum().clamp(min=1), log_probs=log_probs,
-                                   entropy=entropy, log_sum_sq_probs=log_sum_sq, mean_logits=mean_logits,
-                                   is_top1=is_top1, label_mask=mask)
-
-    model.forward = types.MethodType(forward, model)
-
-
 def test_trl_drop_in_with_lora_on_the_head(tmp_path):
     """PrefoptDPOTrainer with LoRA on lm_head (which TRL 1.16's constructor refuses) equals TRL's own DPO loss code
     run on the PEFT model's eager logits: losses, gradient norms and metrics over three steps."""
     trl = pytest.importorskip("trl")
     import trl.trainer.dpo_trainer as dpo_module
 
+    from prefopt.bench.model_kinds import eager_fused_lm_head
     from prefopt.integrations.trl import PrefoptDPOTrainer, _lora_head_allowed
     from tests._tiny import all_words, build_tokenizer, preference_dataset
     from tests.test_integrations_trl import COMPARED, _assert_same, _spy
@@ -305,9 +279,9 @@ def test_trl_drop_in_with_lora_on_the_head(tmp_path):
             if cls is PrefoptDPOTrainer:
                 trainer = cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                               peft_config=lora())
-            else:  # TRL refuses the head adapter: construct it as the drop-in does, with an eager head
+            else:  # TRL refuses the head adapter: built as the drop-in is, with TRL's head contract on eager logits
                 saved = dpo_module.add_fused_lm_head
-                dpo_module.add_fused_lm_head = _eager_fused_lm_head
+                dpo_module.add_fused_lm_head = eager_fused_lm_head
                 try:
                     with _lora_head_allowed():
                         trainer = cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
@@ -344,8 +318,10 @@ def test_trainer_with_lora_on_the_head(tmp_path):
 
     tokenizer = load_tokenizer(None)
     base = tiny_model(tiny_llama_config(tokenizer.vocab_size, initializer_range=0.2), seed=3)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
-                                                      lora_dropout=0.0, init_lora_weights=False))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
+                                                          lora_dropout=0.0, init_lora_weights=False))
     cfg = TrainConfig(max_steps=2, per_device_train_batch_size=2, output_dir=str(tmp_path / "run"),
                       learning_rate=1e-2, logging_steps=1, disable_tqdm=True, max_length=48, seed=0)
     trainer = Trainer(cfg, model=model, tokenizer=tokenizer)

@@ -346,3 +346,23 @@ def test_trainer_takes_a_vlm(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     history = trainer.train()["history"]
     assert len(history) == 2 and all(math.isfinite(h["loss"]) for h in history)
+
+
+def test_fallback_warning_names_only_prompt_learning(tmp_path):
+    """What the drop-in still hands to TRL's own loss: prompt-learning PEFT (virtual tokens around the backbone),
+    and the one-time warning says so."""
+    peft = pytest.importorskip("peft")
+    from tests._tiny import tiny_llama_config, tiny_model
+
+    tokenizer = build_tokenizer([" ".join(all_words())], vocab_size=V)
+    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to=[],
+                         use_cpu=True, bf16=False, max_length=32, disable_tqdm=True, save_strategy="no")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = PrefoptDPOTrainer(model=tiny_model(tiny_llama_config(V), seed=5), args=args,
+                                    train_dataset=preference_dataset(4, seed=3), processing_class=tokenizer,
+                                    peft_config=peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.warns(UserWarning, match="prompt-learning PEFT") as caught:
+        trainer.train()
+    messages = [str(w.message) for w in caught if "prefopt" in str(w.message)]
+    assert len(messages) == 1 and "vision" not in messages[0] and "MoE" not in messages[0]

@@ -9,8 +9,11 @@ no `[tokens, vocab]` buffer), with the logit transform the model applies read fr
     z = x / temperature
 
 Works on plain `PreTrainedModel`s, PEFT-wrapped models (`PeftModel`: the base model with its adapters active;
-inside `model.disable_adapter()` the reference), DDP / DataParallel / torch.compile wrappers, and with gradient
-checkpointing enabled (it lives in the decoder layers, which the backbone call runs).
+inside `model.disable_adapter()` the reference; LoRA on the LM head itself runs on augmented operands,
+`prefopt.integrations.adapters`), vision-language models (image inputs go to the backbone with the text; the head
+runs on the language model's hidden states), mixture-of-experts models (the router load-balancing loss on request,
+`prefopt.integrations.moe`), DDP / DataParallel / torch.compile wrappers, and with gradient checkpointing enabled
+(it lives in the decoder layers, which the backbone call runs).
 
 Sharded engines (FSDP1, FSDP2 `fully_shard`, DeepSpeed ZeRO-3) gather a module's parameters in that module's
 forward hooks, so nothing here reads a parameter outside a forward: `install_prefopt_forward` patches the
@@ -33,8 +36,8 @@ from transformers.utils import ModelOutput
 import prefopt
 from prefopt.integrations import adapters, moe
 
-__all__ = ["HeadSpec", "head_of", "head_operands", "last_hidden_states", "shift_labels", "token_logps", "sequence_logps",
-           "packed_cu_seqlens", "head_inputs", "unwrap_model", "backbone_of", "is_peft_model",
+__all__ = ["HeadSpec", "head_of", "head_operands", "last_hidden_states", "shift_labels", "token_logps",
+           "sequence_logps", "packed_cu_seqlens", "head_inputs", "unwrap_model", "backbone_of", "is_peft_model",
            "install_prefopt_forward", "PrefoptOutput", "lm_head_module", "logit_transform"]
 
 
