@@ -2,8 +2,9 @@
 prefopt: LoRA on the LM head (and, for its cost, the same LoRA without the head), a mixture-of-experts model
 (router loss on), a vision-language model (LLaVA).
 
-    python -m prefopt.bench.model_kinds            # the table of docs/bench.md ("Model kinds"), ~1 min on 2 cores
+    python -m prefopt.bench.model_kinds            # the table of docs/bench.md ("Model kinds"), ~6 min on 2 cores
     python -m prefopt.bench.model_kinds --vocab 32000 --tokens 256
+    python -m prefopt.bench.model_kinds --head     # the LoRA head alone: what the augmented operands cost
 
 Each (model kind, path) runs in a fresh process: TRL's `DPOTrainer` loss step (`compute_loss` + `backward`, after
 one warm-up step) on a tiny random model with a large vocabulary, so the head dominates. Paths:
@@ -170,18 +171,69 @@ def child(kind, path, vocab, hidden, tokens):
             "aux_loss": bool(getattr(trainer, "aux_loss_enabled", False)), "method": peak.method}
 
 
+HEAD_PATHS = ("frozen_head", "lora_head", "lora_head_concat", "eager_lora_head")
+
+
+def head_child(path, vocab, hidden, tokens, rank=16):
+    """One forward + backward of the head alone (fp32): a frozen plain head (LoRA elsewhere: only the hidden states
+    need a gradient), the LoRA head as prefopt runs it (`extra_weight`: vocabulary slabs of [W | B]), the LoRA head
+    on a concatenated [V, H + r] weight, and eager logits."""
+    import torch
+
+    import prefopt
+    from prefopt.bench.measure import PeakMemory, _fixed_mmap_threshold
+    from prefopt.integrations.adapters import low_rank_operands
+
+    _fixed_mmap_threshold()
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(vocab, hidden, generator=g) / hidden ** 0.5
+    a = (torch.randn(rank, hidden, generator=g) / hidden ** 0.5).requires_grad_()
+    b = (torch.randn(vocab, rank, generator=g) * 0.01).requires_grad_()
+    hidden_states = torch.randn(tokens, hidden, generator=g).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+
+    def step():
+        if path == "frozen_head":
+            out = prefopt.linear_logprobs(hidden_states, weight, labels)
+        elif path == "eager_lora_head":
+            logits = hidden_states @ weight.T + 2.0 * (hidden_states @ a.T) @ b.T
+            out = torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1)
+        else:
+            ops = low_rank_operands(hidden_states, weight, None, [(a, b, 2.0)])
+            if path == "lora_head":
+                out = prefopt.linear_logprobs(ops.hidden, ops.weight, labels, **ops.head_kwargs())
+            else:
+                out = prefopt.linear_logprobs(ops.hidden, torch.cat([ops.weight, ops.extra_weight], 1), labels)
+            del ops
+        out.sum().backward()
+
+    for _ in range(2):  # the second step is measured
+        hidden_states.grad = a.grad = b.grad = None
+        with PeakMemory() as peak:
+            step()
+    return {"path": path, "peak_mb": peak.extra / 2 ** 20, "weight_mb": weight.numel() * 4 / 2 ** 20,
+            "aug_weight_mb": vocab * (hidden + rank) * 4 / 2 ** 20, "logits_mb": tokens * vocab * 4 / 2 ** 20}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m prefopt.bench.model_kinds", description=__doc__.split("\n\n")[0])
     p.add_argument("--vocab", type=int, default=64000)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--tokens", type=int, default=256, help="tokens per sequence (prompt + completion)")
     p.add_argument("--cache-mb", type=int, default=0, help="PREFOPT_LOGITS_CACHE_MB of the prefopt runs")
+    p.add_argument("--head", action="store_true", help="the LoRA head alone (defaults V=128000, H=1024, 512 tokens)")
     p.add_argument("--child", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         os.environ["PREFOPT_LOGITS_CACHE_MB"] = str(args.cache_mb)
-        print(json.dumps(child(*args.child, args.vocab, args.hidden, args.tokens)))
+        if args.child[0] == "head":
+            print(json.dumps(head_child(args.child[1], args.vocab, args.hidden, args.tokens)))
+        else:
+            print(json.dumps(child(*args.child, args.vocab, args.hidden, args.tokens)))
         return 0
+    if args.head:
+        return head_table(args)
     results = {}
     for kind in KINDS:
         for path in PATHS:
@@ -202,6 +254,28 @@ def main(argv=None):
     for kind in KINDS:
         cells = [f"{results[(kind, p)]['peak_mb']:.0f}" if (kind, p) in results else "refused" for p in PATHS]
         print(f"| {kind} | " + " | ".join(cells) + " |")
+    return 0
+
+
+def head_table(args):
+    vocab = 128000 if args.vocab == 64000 else args.vocab
+    hidden = 1024 if args.hidden == 64 else args.hidden
+    tokens = 512 if args.tokens == 256 else args.tokens
+    rows = []
+    for path in HEAD_PATHS:
+        cmd = [sys.executable, "-m", "prefopt.bench.model_kinds", "--child", "head", path, "--vocab", str(vocab),
+               "--hidden", str(hidden), "--tokens", str(tokens), "--cache-mb", str(args.cache_mb)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"head/{path} failed")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    r = rows[0]
+    print(f"head alone, fp32, V={vocab}, H={hidden}, r=16, {tokens} tokens: W {r['weight_mb']:.0f} MiB, "
+          f"[W, B] {r['aug_weight_mb']:.0f} MiB, logits {r['logits_mb']:.0f} MiB (peak over the step's start, MiB)\n")
+    print("| " + " | ".join(HEAD_PATHS) + " |")
+    print("|" + "---|" * len(HEAD_PATHS))
+    print("| " + " | ".join(f"{row['peak_mb']:.0f}" for row in rows) + " |")
     return 0
 
 

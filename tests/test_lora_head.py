@@ -1,9 +1,8 @@
 """LoRA on the LM head (prefopt.integrations.adapters): the fused head on augmented operands equals the PEFT model's
 own logits + log_softmax, values and gradients, in float64; merged / disabled adapters give the base head; other
-adapters on the head are refused; the [V, H + r] copy is not kept between forward and backward."""
-import gc
+adapters on the head are refused; the TRL drop-in and the trainer run it (the split head itself:
+tests/test_split_weight.py)."""
 import warnings
-import weakref
 
 import pytest
 import torch
@@ -166,10 +165,10 @@ def test_head_of_refuses_an_active_head_adapter_and_head_operands_applies_it():
     hidden = model.get_base_model().model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     ops = head_operands(model, hidden)
     r = _head(model).lora_A["default"].weight.shape[0]
-    assert ops.hidden.shape[-1] == ops.weight.shape[1] == hidden.shape[-1] + r
+    assert ops.weight is _head(model).base_layer.weight and ops.extra_weight.shape == (V, r)
+    assert ops.hidden.shape[-1] == hidden.shape[-1] + r
     labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], 1)
-    with ops.saving():
-        got = prefopt.linear_logprobs(ops.hidden, ops.weight, labels, ops.bias)
+    got = prefopt.linear_logprobs(ops.hidden, ops.weight, labels, **ops.head_kwargs())
     want = _eager_token_logps(model, input_ids, attention_mask, torch.ones_like(completion_mask))
     torch.testing.assert_close(got[:, :-1], want, **TOL)
 
@@ -186,40 +185,12 @@ def test_low_rank_operands_by_hand():
     labels = torch.randint(0, v, (n,), generator=g)
     labels[3] = -100
     ops = adapters.low_rank_operands(hidden, weight, bias, [(a, b, 0.7)])
-    with ops.saving():
-        got = prefopt.linear_logprobs(ops.hidden, ops.weight, labels, ops.bias)
+    got = prefopt.linear_logprobs(ops.hidden, ops.weight, labels, **ops.head_kwargs())
     logits = hidden @ weight.T + bias + 0.7 * (hidden @ a.T) @ b.T
     want = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1) * (labels != -100)
     torch.testing.assert_close(got, want, **TOL)
     for x, y in zip(torch.autograd.grad(got.sum(), [hidden, a, b]), torch.autograd.grad(want.sum(), [hidden, a, b])):
         torch.testing.assert_close(x, y, **TOL)
-
-
-def test_augmented_weight_is_not_kept_for_the_backward():
-    """`saving()` swaps the [V, H + r] copy for a recipe in the graph: it is freed after the forward, and the
-    backward (which rebuilds it) gives the same gradients as a graph that keeps it."""
-    g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(7, 5, dtype=torch.float64, generator=g)
-    weight = torch.randn(31, 5, dtype=torch.float64, generator=g)
-    a = torch.randn(2, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    b = torch.randn(31, 2, dtype=torch.float64, generator=g, requires_grad=True)
-    labels = torch.randint(0, 31, (7,), generator=g)
-
-    def run(light):
-        ops = adapters.low_rank_operands(hidden, weight, None, [(a, b, 1.3)])
-        ref = weakref.ref(ops.weight)
-        with (ops.saving() if light else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)):
-            out = prefopt.linear_logprobs(ops.hidden, ops.weight, labels)
-        del ops
-        gc.collect()
-        alive = ref() is not None
-        return alive, torch.autograd.grad(out.sum(), [a, b])
-
-    alive_light, grads_light = run(True)
-    alive_kept, grads_kept = run(False)
-    assert alive_kept and not alive_light
-    for x, y in zip(grads_light, grads_kept):
-        torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("config", [dict(use_dora=True), dict(kind="loha")], ids=["dora", "loha"])

@@ -4,20 +4,18 @@ A LoRA adapter on a Linear head adds a low-rank term to the logits. With k activ
 dropout d_a, lora_A weight A_a [r_a, H], lora_B weight B_a [V, r_a] and, with `lora_bias`, bias c_a [V]):
 
     z = h W^T + b + sum_a s_a * (d_a(h) A_a^T B_a^T + c_a)
-      = [h, u_1, ..., u_k] @ [W, B_1, ..., B_k]^T + (b + sum_a s_a c_a),      u_a = s_a * d_a(h) A_a^T  [N, r_a]
+      = [h, u_1, ..., u_k] @ [W | B_1 | ... | B_k]^T + (b + sum_a s_a c_a),      u_a = s_a * d_a(h) A_a^T  [N, r_a]
 
-so prefopt's fused head runs on [N, H + R] hidden and [V, H + R] weight operands (R = sum r_a) and never forms
-the [N, V] logits. Autograd takes the gradients of the two concatenations back to h, to A_a (through u_a), to
-B_a and to W when it trains. Dropout is the adapter's own module applied to the same input as in PEFT's forward
-(`peft/tuners/lora/layer.py: Linear.forward`), in the same order, so it draws the same random numbers.
+so prefopt's fused head runs on the hidden states with the u_a appended ([N, H + R], R = sum r_a) and the weight
+in two column blocks, W and E = [B_1 | ... | B_k] ([V, R]): `prefopt.linear_logprobs(..., extra_weight=E)`
+(prefopt/split_weight.py) goes over the vocabulary in slabs and never forms [V, H + R], let alone [N, V].
+Autograd takes the gradients back to h, to A_a (through u_a), to B_a (through E) and to W when it trains. Dropout is
+the adapter's own module applied to the same input as in PEFT's forward (`peft/tuners/lora/layer.py:
+Linear.forward`), in the same order, so it draws the same random numbers.
 
-Memory. The augmented weight is a [V, H + R] copy of the head (in the head's compute dtype) built for the call.
-It is not kept between the forward and the backward: `HeadOperands.saving()` stores a recipe in its place in
-the autograd graph and the backward concatenates it again (the same values), so the copy exists only while the
-head's forward and the head's backward run. The backward's weight gradient is one [V, H + R] buffer, split into
-W's and the B_a's (W's part is dropped when W is frozen): with a frozen W the head still runs the weight-gradient
-GEMM over all H + R columns, the cost of training the head. `docs/design.md` ("LoRA on the LM head") has the
-figures.
+Memory: the [N, R] columns u_a and the [V, R] block E (a copy when there are several adapters or a dtype cast), next
+to one slab of [W | E] rows and its gradient at a time (prefopt/split_weight.py). Measured in docs/bench.md
+("Model kinds").
 
 Merged adapters (`merge_adapter()`) are already inside W: the head is the base layer, as PEFT's forward runs it.
 Disabled adapters (`disable_adapter()`, the PEFT reference) give the base head (a merged adapter is unmerged
@@ -26,10 +24,7 @@ LoHa, LoKr, IA3, VeRA, trainable tokens, quantized heads) raise a ValueError nam
 """
 from __future__ import annotations
 
-import contextlib
-import weakref
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -39,43 +34,19 @@ __all__ = ["HeadOperands", "head_adapter", "check_head_adapter", "adapter_active
 
 @dataclass
 class HeadOperands:
-    """What the fused head runs on: (hidden [..., H'], weight [V, H'], bias [V] | None), H' = H + R.
+    """What the fused head runs on: `prefopt.linear_logprobs(ops.hidden, ops.weight, labels, ops.bias,
+    extra_weight=ops.extra_weight)` (and `fused_linear_preference_loss(..., extra_weight=)`).
 
-    `rebuild` (adapter heads only) recomputes `weight` without autograd history; `saving()` is the context in
-    which the head call must run so the graph keeps that recipe instead of the [V, H'] copy.
+    hidden [..., H + R], weight [V, H], bias [V] | None, extra_weight [V, R] | None (None: a plain head, R = 0).
     """
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
-    rebuild: Callable[[], torch.Tensor] | None = None
+    extra_weight: torch.Tensor | None = None
 
-    def saving(self):
-        if self.rebuild is None:
-            return contextlib.nullcontext()
-        return _recompute_when_saved(self.weight, self.rebuild)
-
-
-class _Rebuild:
-    """What the graph holds in place of the augmented weight."""
-    __slots__ = ("make",)
-
-    def __init__(self, make):
-        self.make = make
-
-
-def _recompute_when_saved(target, make):
-    # identity, not value: only the augmented weight itself is swapped for its recipe; every other saved
-    # tensor (hidden rows, labels, lse) is stored as usual. The graph keeps each saved tensor's pack hook
-    # alive, so the hook must hold the target weakly or it would keep the copy it replaces.
-    target = weakref.ref(target)
-
-    def pack(tensor):
-        return _Rebuild(make) if tensor is target() else tensor
-
-    def unpack(saved):
-        return saved.make() if isinstance(saved, _Rebuild) else saved
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+    def head_kwargs(self):
+        """`bias` and `extra_weight` as keywords of `prefopt.linear_logprobs` / `fused_linear_preference_loss`."""
+        return {"bias": self.bias} | ({} if self.extra_weight is None else {"extra_weight": self.extra_weight})
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -164,39 +135,32 @@ def low_rank_terms(module, hidden):
     return terms
 
 
-def augment(hidden, weight, bias, terms, source_weight=None) -> HeadOperands:
-    """The augmented operands of `hidden @ weight.T + bias` plus the low-rank `terms` (see `low_rank_terms`).
+def augment(hidden, weight, bias, terms) -> HeadOperands:
+    """The operands of `hidden @ weight.T + bias` plus the low-rank `terms` (see `low_rank_terms`).
 
     `hidden`, `weight`, `bias` are the base head's operands, already in the compute dtype (what
     `prefopt.integrations.transformers.head_inputs` returns); each u_a, B_a and bias term is cast to it
     (differentiable casts: the gradients reach the adapter's own dtype, float32 by PEFT's default).
-    `source_weight`: the parameter `weight` was cast from (under autocast), so the backward's rebuild casts it
-    again rather than keeping the cast copy alive; default `weight`.
     """
     if not terms:
         return HeadOperands(hidden, weight, bias)
     dtype, device = weight.dtype, weight.device
-    factors = [b_mat for _, b_mat, _ in terms]
     hidden = torch.cat([hidden] + [u.to(device=device, dtype=dtype) for u, _, _ in terms], dim=-1)
-    aug_weight = torch.cat([weight] + [b.to(dtype) for b in factors], dim=1)
-    for _, _, extra in terms:
-        if extra is not None:
-            extra = extra.to(dtype)
-            bias = extra if bias is None else bias + extra
-    base = (weight if source_weight is None else source_weight).detach()
-
-    def rebuild():
-        return torch.cat([base.to(dtype)] + [b.detach().to(dtype) for b in factors], dim=1)
-
-    return HeadOperands(hidden, aug_weight, bias, rebuild)
+    factors = [b_mat.to(dtype) for _, b_mat, _ in terms]
+    extra = factors[0] if len(factors) == 1 else torch.cat(factors, dim=1)
+    for _, _, extra_bias in terms:
+        if extra_bias is not None:
+            extra_bias = extra_bias.to(dtype)
+            bias = extra_bias if bias is None else bias + extra_bias
+    return HeadOperands(hidden, weight, bias, extra)
 
 
 def low_rank_operands(hidden, weight, bias=None, factors=()):
     """Operands for a head with hand-made low-rank adapters (no PEFT): `factors` = [(A [r, H], B [V, r], scaling)].
 
-    The head is `hidden @ weight.T + bias + sum scaling * (hidden @ A.T) @ B.T`; the fused head runs as
-    `ops = low_rank_operands(...)`, `with ops.saving(): prefopt.linear_logprobs(ops.hidden, ops.weight, labels,
-    ops.bias)`. `hidden`, `weight`, `bias` in one dtype (A and B are cast to it).
+    The head is `hidden @ weight.T + bias + sum scaling * (hidden @ A.T) @ B.T`; run it as
+    `prefopt.linear_logprobs(ops.hidden, ops.weight, labels, **ops.head_kwargs())`. `hidden`, `weight`, `bias` in
+    one dtype (A and B are cast to it).
     """
     terms = [((hidden @ a.to(hidden.dtype).T) * scaling, b, None) for a, b, scaling in factors]
     return augment(hidden, weight, bias, terms)

@@ -168,10 +168,10 @@ def _head_spec(model, lm_head):
 
 
 def head_operands(model, hidden) -> "adapters.HeadOperands":
-    """The operands of the LM head as it acts now on `hidden`: `(hidden, weight, bias)` for
-    `prefopt.linear_logprobs`, augmented with the active LoRA adapters of the head (`prefopt.integrations.adapters`;
-    run the head call inside `ops.saving()` so the graph keeps no [V, H + r] copy). The logit transform is
-    `logit_transform(model)`. Same sharding caveat as `head_of`.
+    """The operands of the LM head as it acts now on `hidden` (`prefopt.integrations.adapters.HeadOperands`): with
+    active LoRA adapters on the head, the hidden states gain the adapters' inputs and the weight a second column
+    block; run `prefopt.linear_logprobs(ops.hidden, ops.weight, labels, **ops.head_kwargs())`. The logit transform
+    is `logit_transform(model)`. Same sharding caveat as `head_of`.
     """
     lm_head = lm_head_module(model)
     return _head_operands(hidden, _head_spec(model, lm_head), lm_head)
@@ -183,7 +183,7 @@ def _head_operands(hidden, spec: HeadSpec, module=None):
         hidden = hidden.to(spec.weight.device)
     base_hidden, weight, bias = head_inputs(hidden, spec)
     terms = adapters.low_rank_terms(module, hidden) if module is not None else []
-    return adapters.augment(base_hidden, weight, bias, terms, source_weight=spec.weight)
+    return adapters.augment(base_hidden, weight, bias, terms)
 
 
 def last_hidden_states(model, input_ids, attention_mask=None, position_ids=None, *, return_router_aux_loss=False,
@@ -361,13 +361,19 @@ def _call_target(model):
 
 
 @torch.no_grad()
-def _logit_stats(hidden, weight, bias, labels, softcap, logit_scale, temperature):
-    """Mean transformed logit and is-argmax of each labelled row (no grad; one extra forward GEMM, tiled)."""
+def _logit_stats(hidden, weight, bias, labels, softcap, logit_scale, temperature, extra_weight=None):
+    """Mean transformed logit and is-argmax of each labelled row (no grad; one extra forward GEMM, tiled).
+    `extra_weight`: the weight's second column block (LoRA on the head), applied to hidden's last columns."""
     weight, bias = weight.detach(), None if bias is None else bias.detach()
+    width = weight.shape[1]
     rows = max(1, _STATS_TILE_BYTES // (4 * weight.shape[0]))
     means, top1 = [], []
     for start in range(0, hidden.shape[0], rows):
-        z = torch.nn.functional.linear(hidden[start:start + rows].to(weight.dtype), weight, bias).float()
+        tile = hidden[start:start + rows].to(weight.dtype)
+        z = torch.nn.functional.linear(tile[:, :width], weight, bias)
+        if extra_weight is not None:
+            z = z + torch.nn.functional.linear(tile[:, width:], extra_weight.detach())
+        z = z.float()
         z = z * logit_scale
         if softcap:
             z = softcap * torch.tanh(z / softcap)
@@ -385,17 +391,15 @@ def _fused_head(hidden, spec: HeadSpec, labels, request, module=None):
     labels = labels.to(weight.device)
     ignore_index = request.get("ignore_index", -100)
     temperature = float(request.get("temperature", 1.0))
-    with operands.saving():
-        out = prefopt.linear_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index,
-                                      temperature=temperature, softcap=spec.softcap, logit_scale=spec.logit_scale,
-                                      chunk_size=request.get("chunk_size"),
-                                      return_entropy=bool(request.get("entropy")),
-                                      return_log_sum_p2=bool(request.get("log_sum_p2")))
+    out = prefopt.linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, temperature=temperature,
+                                  softcap=spec.softcap, logit_scale=spec.logit_scale,
+                                  chunk_size=request.get("chunk_size"), return_entropy=bool(request.get("entropy")),
+                                  return_log_sum_p2=bool(request.get("log_sum_p2")), **operands.head_kwargs())
     out = list(out) if isinstance(out, tuple) else [out]
     if request.get("logit_stats"):
         mask = labels != ignore_index
         mean_rows, top1_rows = _logit_stats(hidden.detach()[mask], weight, bias, labels[mask], spec.softcap,
-                                            spec.logit_scale, temperature)
+                                            spec.logit_scale, temperature, operands.extra_weight)
         mean_logits = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
         mean_logits[mask] = mean_rows
         is_top1 = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)

@@ -270,10 +270,9 @@ class Trainer:
             hidden, aux = policy_outputs(batch) if policy_outputs is not None else (adapter.hidden_states(batch), None)
         head = head_operands(adapter, hidden)
         labels = batch["labels"]
-        with head.saving():
-            token_logps = prefopt.linear_logprobs(head.hidden, head.weight, labels, head.bias,
-                                                  ignore_index=IGNORE_INDEX, temperature=cfg.temperature,
-                                                  softcap=adapter.softcap, logit_scale=adapter.logit_scale)
+        token_logps = prefopt.linear_logprobs(head.hidden, head.weight, labels, ignore_index=IGNORE_INDEX,
+                                              temperature=cfg.temperature, softcap=adapter.softcap,
+                                              logit_scale=adapter.logit_scale, **head.head_kwargs())
         flat = token_logps.reshape(-1)
         mask = (labels.reshape(-1) != IGNORE_INDEX)
         cu = batch.get("cu_seqlens")
@@ -403,15 +402,14 @@ class Trainer:
         with self._autocast():
             hidden, aux = self.policy_outputs(batch)
         head = head_operands(self.adapter, hidden)
-        with head.saving():
-            loss, metrics = prefopt.fused_linear_preference_loss(
-                head.hidden, head.weight, batch["labels"], bias=head.bias, cu_seqlens=batch.get("cu_seqlens"),
-                ignore_index=IGNORE_INDEX, temperature=cfg.temperature, softcap=self.adapter.softcap,
-                logit_scale=self.adapter.logit_scale,
-                loss_type=cfg.loss_types if len(cfg.loss_types) > 1 else cfg.loss_types[0], beta=cfg.beta,
-                ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, rpo_alpha=cfg.rpo_alpha,
-                label_smoothing=cfg.label_smoothing, loss_weights=cfg.loss_weights,
-                f_divergence_type=cfg.f_divergence_type, f_alpha_divergence_coef=cfg.f_alpha_divergence_coef, **refs)
+        loss, metrics = prefopt.fused_linear_preference_loss(
+            head.hidden, head.weight, batch["labels"], cu_seqlens=batch.get("cu_seqlens"), ignore_index=IGNORE_INDEX,
+            temperature=cfg.temperature, softcap=self.adapter.softcap, logit_scale=self.adapter.logit_scale,
+            loss_type=cfg.loss_types if len(cfg.loss_types) > 1 else cfg.loss_types[0], beta=cfg.beta,
+            ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, rpo_alpha=cfg.rpo_alpha,
+            label_smoothing=cfg.label_smoothing, loss_weights=cfg.loss_weights,
+            f_divergence_type=cfg.f_divergence_type, f_alpha_divergence_coef=cfg.f_alpha_divergence_coef,
+            **head.head_kwargs(), **refs)
         return loss, metrics, aux
 
     # ---- the loop -----------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ Adapter protocol (any object; `as_adapter` wraps HF causal LMs and protocol modu
                                            for packed batches (batch has position_ids / cu_seqlens, no mask)
     adapter.output_head()               -> (weight [V, H], bias [V] | None)
     adapter.softcap, adapter.logit_scale  logit transform applied before log-softmax (None / 1.0 = none)
-    adapter.head_operands(hidden)       optional: HeadOperands (prefopt.integrations.adapters) of a head that is more
-                                           than (weight, bias), e.g. LoRA on the head; default from output_head()
+    adapter.head_operands(hidden)       HeadOperands (prefopt.integrations.adapters) of the head on `hidden`: LoRA on
+                                           the head adds columns; a module may define it, default from output_head()
     adapter.policy_outputs(batch)       -> (hidden, router aux loss | None): the policy pass (MoE models add the
                                            load-balancing loss when `router_aux_coef` is set)
 
@@ -148,8 +148,8 @@ def _backbone_inputs(batch):
 
 
 def head_operands(adapter, hidden):
-    """The output head's operands on `hidden` (prefopt.integrations.adapters.HeadOperands): run the head call
-    inside `ops.saving()`."""
+    """The output head's operands on `hidden` (prefopt.integrations.adapters.HeadOperands): the head call is
+    `prefopt.linear_logprobs(ops.hidden, ops.weight, labels, **ops.head_kwargs())`."""
     return adapter.head_operands(hidden)
 
 
