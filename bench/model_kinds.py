@@ -2,7 +2,7 @@
 prefopt: LoRA on the LM head (and, for its cost, the same LoRA without the head), a mixture-of-experts model
 (router loss on), a vision-language model (LLaVA).
 
-    python -m prefopt.bench.model_kinds            # the table of docs/bench.md ("Model kinds"), ~6 min on 2 cores
+    python -m prefopt.bench.model_kinds            # the table of docs/bench.md ("Model kinds"; duration there)
     python -m prefopt.bench.model_kinds --vocab 32000 --tokens 256
     python -m prefopt.bench.model_kinds --head     # the LoRA head alone: what the augmented operands cost
 
