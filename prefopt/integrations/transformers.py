@@ -35,6 +35,7 @@ from transformers.utils import ModelOutput
 
 import prefopt
 from prefopt.integrations import adapters, moe
+from prefopt.versions import check_tested
 
 __all__ = ["HeadSpec", "head_of", "head_operands", "last_hidden_states", "shift_labels", "token_logps",
            "sequence_logps", "packed_cu_seqlens", "head_inputs", "unwrap_model", "backbone_of", "is_peft_model",
@@ -484,5 +485,9 @@ def install_prefopt_forward(model):
     every other caller unchanged).
     """
     target = unwrap_model(model)
+    if not target.__dict__.get("_prefopt_forward_installed", False):
+        # the patch reads the model through public transformers API only (output embeddings, the backbone
+        # prefix, ModelOutput); a transformers outside the tested range still gets one line saying so
+        check_tested("transformers", "prefopt's HF integration")
     _patch_forward(target, _model_forward, "_prefopt_forward_installed")
     return target
