@@ -153,7 +153,7 @@ def test_in_tested_range_reads_releases():
 
 # ---------------------------------------------------------------------------------------- the TRL drop-in
 
-trl_integration = pytest.importorskip("prefopt.integrations.trl")
+from prefopt.integrations import trl as trl_integration  # noqa: E402  (trl is a test dependency: no skip)
 
 
 def test_trl_outside_the_tested_range_warns_once_in_one_line(monkeypatch):
