@@ -31,6 +31,7 @@ import torch
 from transformers.utils import ModelOutput
 
 import prefopt
+from prefopt.integrations.attention import use_linear_attention
 
 __all__ = ["HeadSpec", "head_of", "last_hidden_states", "shift_labels", "token_logps", "sequence_logps",
            "packed_cu_seqlens", "head_inputs", "unwrap_model", "backbone_of", "is_peft_model",
@@ -163,8 +164,8 @@ def last_hidden_states(model, input_ids, attention_mask=None, position_ids=None,
 
     Runs inside `model(...)` (the patched forward, see `install_prefopt_forward`), so sharded engines gather
     the parameters. Padding-free input: one row `[1, N]` of concatenated sequences with `position_ids`
-    restarting at 0 for each sequence and `attention_mask=None` (transformers then builds the block-diagonal
-    causal mask).
+    restarting at 0 for each sequence and `attention_mask=None` (each sequence attends causally to itself; on
+    `sdpa` models through `prefopt_sdpa`, with no `[N, N]` mask: prefopt/integrations/attention.py).
     """
     install_prefopt_forward(model)
     return _call_target(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -423,7 +424,14 @@ def install_prefopt_forward(model):
     backbone runs as the model's forward would run it and the head as a call of the LM head module (patched
     likewise on first use). Without the `prefopt` keyword the forward is the previous one (generation and
     every other caller unchanged).
+
+    On first install a model on `sdpa` attention is switched to `prefopt_sdpa`
+    (`prefopt.integrations.attention.use_linear_attention`): the same results, with memory linear in tokens for
+    padding-free rows and padded batches (no `[T, T]` mask). `model.set_attn_implementation("sdpa")` afterwards
+    switches it back.
     """
     target = unwrap_model(model)
+    if not target.__dict__.get("_prefopt_forward_installed", False):
+        use_linear_attention(target)
     _patch_forward(target, _model_forward, "_prefopt_forward_installed")
     return target
