@@ -53,6 +53,10 @@ class PrefoptDPOMixin:
     #: forward GEMM over the completion tokens). False skips that pass and logs NaN for them.
     prefopt_logits_metrics = True
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.data_collator = _float64_reference_collator(self.data_collator)
+
     # ---- helpers -------------------------------------------------------------------------------------------
     def _prefopt_supported(self, inputs):
         if getattr(self, "aux_loss_enabled", False) or getattr(self, "_is_vlm", False):
@@ -82,11 +86,16 @@ class PrefoptDPOMixin:
         return use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
 
     def _prefopt_sequence_logps(self, per_token, label_mask):
-        """Per-sequence sums of the completion log-probs; LD-DPO weights the tail past the shared length."""
+        """Per-sequence sums of the completion log-probs, in float64; LD-DPO weights the tail past the shared length.
+
+        float64 as in prefopt's fused loss (README "Dtypes"): the loss reads policy - reference differences of a few
+        nats from sums of 1e5-1e6 nats, which float32 spaces up to 0.125 apart at 131072 tokens. The precomputed
+        reference sums are stored (and collated, `_float64_reference_collator`) in float64 for the same reason."""
+        per_token = per_token.double()
         if self.ld_alpha is None:
             return prefopt.sequence_logps(per_token, label_mask)
         weights = ld_dpo_token_weights(label_mask, label_mask.shape[0] // 2, self.ld_alpha)
-        return prefopt.sequence_logps(per_token, weights)
+        return prefopt.sequence_logps(per_token, weights.double())
 
     def _prefopt_forward(self, model, inputs, **request):
         request["completion_mask"] = inputs["completion_mask"]
@@ -169,6 +178,7 @@ class PrefoptDPOMixin:
                 loss_weights=group_weights, label_smoothing=label_smoothing, chosen_nll=group_nll,
                 rpo_alpha=group_rpo, **common)
             loss = loss + group_loss
+        loss = loss.to(per_token.dtype)  # computed from the float64 sums, rounded once (as prefopt's fused loss)
 
         self._prefopt_log_metrics(mode, inputs, out, label_mask, n_pairs, chosen_logps, rejected_logps,
                                   ref_chosen_logps, ref_rejected_logps, logit_stats)
@@ -237,6 +247,36 @@ def _trl_label_smoothing_groups(loss_types, loss_weights, label_smoothing):
     return groups
 
 
+class _Float64References:
+    """A data collator whose `ref_chosen_logps` / `ref_rejected_logps` keep the float64 the precompute pass stored
+    (TRL's collator builds them with `torch.tensor(list_of_floats)`, i.e. float32)."""
+
+    _KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        if examples and isinstance(examples[0], dict):
+            for key in self._KEYS:
+                if key in examples[0] and key in batch:
+                    batch[key] = torch.tensor([float(e[key]) for e in examples], dtype=torch.float64)
+        return batch
+
+    def __getattr__(self, name):  # the wrapped collator's attributes (pad_token_id, ...)
+        collator = self.__dict__.get("collator")
+        if collator is None:  # unpickling: no attributes yet
+            raise AttributeError(name)
+        return getattr(collator, name)
+
+
+def _float64_reference_collator(collator):
+    if collator is None or isinstance(collator, _Float64References):
+        return collator
+    return _Float64References(collator)
+
+
 class PrefoptDPOTrainer(PrefoptDPOMixin, DPOTrainer):
     """`trl.DPOTrainer` on prefopt's fused path: same constructor, same `DPOConfig`, TRL's metric names."""
 
@@ -258,5 +298,6 @@ def patch_dpo_trainer(trainer, *, logits_metrics=True):
         if cls not in _PATCHED_CLASSES:
             _PATCHED_CLASSES[cls] = type(f"Prefopt{cls.__name__}", (PrefoptDPOMixin, cls), {})
         trainer.__class__ = _PATCHED_CLASSES[cls]
+    trainer.data_collator = _float64_reference_collator(trainer.data_collator)
     trainer.prefopt_logits_metrics = bool(logits_metrics)
     return trainer

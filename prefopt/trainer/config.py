@@ -91,6 +91,10 @@ class TrainConfig:
     """Pack sequences into one row with position_ids / cu_seqlens instead of padding."""
     skip_bad_rows: bool = False
     """Skip (and count) dataset rows that are malformed or have an empty text, instead of stopping at the first."""
+    long_context: Optional[int] = None
+    """Long-sequence preset: N tokens per sequence, padding-free, gradient checkpointing, one pair per step, a Llama
+    with vocabulary 128256 from a config, generated pairs unless --dataset is given (docs/trainer.md "Long
+    sequences"); a config file and flags override its settings."""
 
     # ---- optimisation ----------------------------------------------------------------------------------
     learning_rate: float = 3e-3
@@ -210,6 +214,7 @@ class TrainConfig:
         "warmup_steps": (0, None, True, True), "save_total_limit": (0, None, True, True),
         "seed": (0, 2 ** 32 - 1, True, True), "max_steps": (None, None, True, True),
         "max_length": (2, None, True, True), "max_prompt_length": (1, None, True, True),
+        "long_context": (16, None, True, True),
     }
 
     def _check_numbers(self, types):
@@ -250,6 +255,9 @@ class TrainConfig:
         if unknown:
             raise PrefoptInputError(f"{source}: unknown setting(s) {', '.join(unknown)}; valid settings: "
                                     f"{', '.join(sorted(known))}")
+        if data.get("long_context") is not None:  # the preset's settings, below the file's and the flags'
+            from prefopt.trainer.long_context import preset_settings
+            data = {**preset_settings(_coerce("long_context", data["long_context"], source)), **data}
         return cls(**{k: _coerce(k, v, source) for k, v in data.items()})
 
     @classmethod

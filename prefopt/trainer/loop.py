@@ -128,10 +128,17 @@ class Trainer:
     # ---- setup (no files written) ------------------------------------------------------------------------
     def _prepare(self, model, tokenizer):
         cfg = self.cfg
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
-        self.data_path = cfg.dataset or DEFAULT_DATASET
-        self.data = load_dataset(self.data_path, self.tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                 cfg.truncation_mode, skip_bad_rows=cfg.skip_bad_rows)
+        if cfg.long_context and cfg.dataset is None:  # the preset's generated pairs (prefopt/trainer/long_context.py)
+            from prefopt.trainer.long_context import generated_data
+            if tokenizer is None and cfg.tokenizer is not None:
+                tokenizer = load_tokenizer(cfg.tokenizer)
+            global_batch = cfg.per_device_train_batch_size * self.world * cfg.gradient_accumulation_steps
+            self.tokenizer, self.data_path, self.data = generated_data(cfg, tokenizer, global_batch)
+        else:
+            self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+            self.data_path = cfg.dataset or DEFAULT_DATASET
+            self.data = load_dataset(self.data_path, self.tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                     cfg.truncation_mode, skip_bad_rows=cfg.skip_bad_rows)
         self.kto = self.data.kind == "unpaired"
         if self.kto and not cfg.is_kto:
             raise PrefoptInputError(f"{self.data_path} holds unpaired rows (prompt/completion/label): use "
@@ -282,7 +289,9 @@ class Trainer:
         weights = mask.float()
         if cfg.ld_alpha is not None and not self.kto:  # LD-DPO: the same token weights as the fused loss
             weights = ld_dpo_token_weights(weights, (cu.numel() - 1) // 2, cfg.ld_alpha, cu)
-        seq = prefopt.sequence_logps(flat, weights, cu_seqlens=cu)
+        # float64 sums, as the fused loss forms the policy's: a float32 sum of 1e5-1e6 nats is spaced up to 0.125 at
+        # 131072 tokens, coarser than the log-ratios the loss reads from it (docs/trainer.md "Long sequences")
+        seq = prefopt.sequence_logps(flat.double(), weights.double(), cu_seqlens=cu)
         return seq, counts
 
     def _reference_logps(self, batch):
@@ -311,7 +320,7 @@ class Trainer:
         if self.reference is None:
             return None, None
         if self.ref_table is not None:
-            vals = self.ref_table.lookup(indices).to(self.device, torch.float32)
+            vals = self.ref_table.lookup(indices).to(self.device, torch.float64)
             if self.kto:
                 return vals[:, 0], vals[:, 1]
             return torch.cat([vals[:, 0], vals[:, 1]]), None
@@ -370,11 +379,13 @@ class Trainer:
             if kl_ref is None:
                 kl_ref = torch.zeros_like(kl_pol)
             labels = batch["kto_labels"]
-            loss, metrics = prefopt.kto_loss(seq.float(), ref.float(), labels, kl_pol.float(), kl_ref.float(),
+            # log-ratios of the float64 sums; the loss is rounded to float32 once, as the fused DPO loss's
+            loss, metrics = prefopt.kto_loss(seq, ref.double(), labels, kl_pol, kl_ref.double(),
                                              beta=cfg.beta, desirable_weight=cfg.desirable_weight,
                                              undesirable_weight=cfg.undesirable_weight, loss_type=cfg.loss_types[0])
-            x = cfg.beta * (seq.detach().float() - ref.float())
-            lp = seq.detach().float()
+            loss = loss.float()
+            x = cfg.beta * (seq.detach() - ref.double())
+            lp = seq.detach()
             n_d, n_u = float(labels.sum()), float((~labels).sum())
             stats["rewards/chosen"] = (float(x[labels].sum()), n_d)
             stats["rewards/rejected"] = (float(x[~labels].sum()), n_u)
@@ -384,7 +395,7 @@ class Trainer:
             return loss, stats
         # paired: one fused call from the hidden states (policy head, sequence sums, loss; no logits)
         P = len(indices)
-        refs = {} if ref is None else dict(ref_chosen_logps=ref[:P].float(), ref_rejected_logps=ref[P:].float())
+        refs = {} if ref is None else dict(ref_chosen_logps=ref[:P], ref_rejected_logps=ref[P:])  # float64 sums
         loss, metrics = self._policy(self._paired_loss, batch, refs)
         for k, v in metrics.items():
             stats[k] = (float(v) * P, float(P))
@@ -536,6 +547,10 @@ class Trainer:
                 bar = tqdm(total=self.total_steps, initial=start_step, desc="train", dynamic_ncols=True)
         t0 = time.time()
         interrupted = False
+        meter = None
+        if cfg.long_context:  # progress of a long-sequence run: seconds and peak memory on every step line
+            from prefopt.trainer.long_context import StepMeter
+            meter = StepMeter()
         for step in range(start_step, self.total_steps):
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.zero_grad(set_to_none=True)
@@ -568,6 +583,8 @@ class Trainer:
                 self._stop_non_finite(step + 1, record)  # the same values on every rank: all stop
             self.optimizer.step()
             self.scheduler.step()
+            if meter is not None:
+                record.update(meter.record())
             window.append(record)
             if (step + 1) % cfg.logging_steps == 0 or step + 1 == self.total_steps:
                 logged = _average(window)
@@ -675,7 +692,7 @@ def _average(records):
     keys = [k for k in records[-1] if k not in ("step", "epoch")]
     for k in keys:
         vals = [r[k] for r in records if k in r]
-        out[k] = sum(vals) / len(vals)
+        out[k] = max(vals) if k == "peak_rss_mib" else sum(vals) / len(vals)
     out["learning_rate"] = records[-1]["learning_rate"]
     return out
 
@@ -701,6 +718,8 @@ def _fmt(rec):
             parts.append(f"{k.split('/')[-1] if k != 'grad_norm' else k} {rec[k]:+.4f}"
                          if k != "rewards/accuracies" else f"acc {rec[k]:.3f}")
     parts.append(f"lr {rec['learning_rate']:.2e}")
+    if "peak_rss_mib" in rec:  # --long_context runs
+        parts.append(f"{rec['step_seconds']:.1f} s/step | peak RSS {rec['peak_rss_mib']:.0f} MiB")
     return " | ".join(parts)
 
 
@@ -714,6 +733,9 @@ def _summary_text(summary):
             if k in first and k in last:
                 lines.append(f"  {k:<20} first log (step {first['step']}) {first[k]:+.4f}  ->  "
                              f"last log (step {last['step']}) {last[k]:+.4f}")
+        if "peak_rss_mib" in last:
+            lines.append(f"  {'peak RSS':<20} {max(h['peak_rss_mib'] for h in hist):.0f} MiB (the process's, "
+                         "VmHWM)")
     return "\n".join(lines)
 
 

@@ -205,6 +205,7 @@ def data_fingerprint(cfg, examples, model_state_hash: str) -> str:
     h.update(json.dumps(examples, sort_keys=True).encode())
     h.update(model_state_hash.encode())
     h.update(json.dumps([cfg.temperature, cfg.ld_alpha, cfg.loss_types], default=str).encode())
+    h.update(b"sums: float64")  # caches of float32-rounded sums (before this marker) are recomputed
     return h.hexdigest()
 
 
