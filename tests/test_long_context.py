@@ -149,3 +149,25 @@ def test_drop_in_precomputes_and_collates_float64_sums(tmp_path, monkeypatch):
     batch = trainer.data_collator([ds[i] for i in range(2)])
     assert batch["ref_chosen_logps"].dtype == torch.float64
     assert batch["ref_chosen_logps"].tolist() == chosen[:2]
+
+
+# ---- an explicit reference model (TRL's ref_model) ----------------------------------------------------------------
+def test_trainer_takes_a_reference_model(tmp_path):
+    from prefopt.integrations.tiny import tiny_llama_config, tiny_model
+    from prefopt.trainer.data import load_tokenizer
+    vocab = load_tokenizer().vocab_size
+    cfg = dict(dataset=_write_pairs(tmp_path / "pairs.jsonl"), per_device_train_batch_size=2, max_steps=1,
+               disable_tqdm=True, logging_steps=1, learning_rate=0.0)
+    margins = {}
+    for name, ref_seed in (("copy", None), ("given", 7)):
+        policy = tiny_model(tiny_llama_config(vocab, hidden_size=32), seed=1)
+        ref = None if ref_seed is None else tiny_model(tiny_llama_config(vocab, hidden_size=32), seed=ref_seed)
+        trainer = Trainer(TrainConfig(output_dir=str(tmp_path / name), **cfg), model=policy, ref_model=ref)
+        if ref is not None:  # used in place (not copied), frozen
+            assert trainer.reference.adapter.module is ref and not any(p.requires_grad for p in ref.parameters())
+        margins[name] = trainer.train()["history"][0]["rewards/margins"]
+    # the initial policy as its own reference: margins 0 up to rounding; another model: log-ratios of order 1
+    assert abs(margins["copy"]) < 1e-5 and abs(margins["given"]) > 1e-3
+    with pytest.raises(ValueError, match="uses no reference"):
+        Trainer(TrainConfig(output_dir=str(tmp_path / "simpo"), loss_type="simpo", **cfg),
+                model=tiny_model(tiny_llama_config(vocab, hidden_size=32)), ref_model=policy)

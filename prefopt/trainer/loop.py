@@ -35,8 +35,8 @@ from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer.config import NonFiniteError, PrefoptInputError, TrainConfig, as_jsonable, resume_mismatch
 from prefopt.trainer.data import (DEFAULT_DATASET, DEFAULT_TOKENIZER, IGNORE_INDEX, collate, epoch_order,
                                   load_dataset, load_tokenizer)
-from prefopt.trainer.model import (PrecomputedReference, as_adapter, build_model, data_fingerprint,
-                                   make_reference, state_hash)
+from prefopt.trainer.model import (GivenReference, PrecomputedReference, as_adapter, build_model,
+                                   data_fingerprint, make_reference, state_hash)
 
 REF_FREE = ("simpo", "cpo", "cpo_hinge", "cpo_ipo", "orpo")
 REF_CACHE = "ref_logps.pt"
@@ -109,7 +109,8 @@ def _resolve_device(name):
 class Trainer:
     """Preference training of `model` (an adapter, HF causal LM or protocol module; default: cfg.model)."""
 
-    def __init__(self, cfg: TrainConfig, model=None, tokenizer=None):
+    def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, ref_model=None):
+        """`ref_model` (TRL's `ref_model`): the reference, frozen in place instead of a copy of the initial policy."""
         self.cfg = cfg
         self.device = _resolve_device(cfg.device)
         if self.device.type == "cuda":
@@ -120,13 +121,13 @@ class Trainer:
         self.rank, self.world = self.dist.rank, self.dist.world
         error = None
         try:
-            self._prepare(model, tokenizer)
+            self._prepare(model, tokenizer, ref_model)
         except PrefoptInputError as err:
             error = err
         _agree(self.dist, error)
 
     # ---- setup (no files written) ------------------------------------------------------------------------
-    def _prepare(self, model, tokenizer):
+    def _prepare(self, model, tokenizer, ref_model=None):
         cfg = self.cfg
         if cfg.long_context and cfg.dataset is None:  # the preset's generated pairs (prefopt/trainer/long_context.py)
             from prefopt.trainer.long_context import generated_data
@@ -167,10 +168,14 @@ class Trainer:
                                     f"head only {weight.shape[0]}")
         self.reference = None
         self.ref_hash = None
+        if ref_model is not None and (self.ref_free or cfg.reference_free):
+            raise PrefoptInputError(f"a ref_model was given but loss {cfg.loss_type!r}"
+                                    f"{' with reference_free' if cfg.reference_free else ''} uses no reference")
         if not self.ref_free and not cfg.reference_free:
+            self.reference = make_reference(self.adapter) if ref_model is None else \
+                GivenReference(ref_model, self.device)
             if cfg.precompute_ref_log_probs:
-                self.ref_hash = state_hash(self.module)
-            self.reference = make_reference(self.adapter)
+                self.ref_hash = state_hash(self.module if ref_model is None else self.reference.adapter.module)
         if cfg.gradient_checkpointing:
             self.adapter.gradient_checkpointing_enable()
         self.fsdp = self.ref_fsdp = None
@@ -739,6 +744,6 @@ def _summary_text(summary):
     return "\n".join(lines)
 
 
-def train(cfg: TrainConfig = None, model=None, tokenizer=None) -> dict:
+def train(cfg: TrainConfig = None, model=None, tokenizer=None, ref_model=None) -> dict:
     """Build a Trainer for `cfg` (default: the embedded demo) and train. Returns the summary."""
-    return Trainer(cfg or TrainConfig(), model=model, tokenizer=tokenizer).train()
+    return Trainer(cfg or TrainConfig(), model=model, tokenizer=tokenizer, ref_model=ref_model).train()

@@ -193,6 +193,24 @@ class PeftReference:
         return self.adapter.module.disable_adapter()
 
 
+class GivenReference:
+    """A reference model the caller gave (TRL's `ref_model`): frozen in place (eval mode, no grad), not copied.
+    The trainer treats it as it treats the frozen copy (its own module: sharded under FSDP, freed after a
+    precompute)."""
+    kind = "copy"
+
+    def __init__(self, model, device):
+        adapter = as_adapter(model)
+        adapter.module.to(device)
+        adapter.module.eval()
+        for p in adapter.module.parameters():
+            p.requires_grad_(False)
+        self.adapter = adapter
+
+    def context(self):
+        return contextlib.nullcontext()
+
+
 def make_reference(adapter):
     if adapter.is_peft():
         return PeftReference(adapter)
