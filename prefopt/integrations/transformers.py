@@ -32,6 +32,7 @@ from transformers.utils import ModelOutput
 
 import prefopt
 from prefopt.integrations.attention import use_linear_attention
+from prefopt.versions import check_tested
 
 __all__ = ["HeadSpec", "head_of", "last_hidden_states", "shift_labels", "token_logps", "sequence_logps",
            "packed_cu_seqlens", "head_inputs", "unwrap_model", "backbone_of", "is_peft_model",
@@ -433,5 +434,8 @@ def install_prefopt_forward(model):
     target = unwrap_model(model)
     if not target.__dict__.get("_prefopt_forward_installed", False):
         use_linear_attention(target)
+        # the patch reads the model through public transformers API only (output embeddings, the backbone
+        # prefix, ModelOutput); a transformers outside the tested range still gets one line saying so
+        check_tested("transformers", "prefopt's HF integration")
     _patch_forward(target, _model_forward, "_prefopt_forward_installed")
     return target

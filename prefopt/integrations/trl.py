@@ -29,18 +29,65 @@ PEFT) fall back to TRL's own `_compute_loss` with a one-time warning.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import warnings
 
 import torch
 from trl import DPOTrainer
 
 import prefopt
-from prefopt.weights import ld_dpo_token_weights, wpo_pair_weights
 from prefopt.integrations.transformers import install_prefopt_forward, is_peft_model, unwrap_model
+from prefopt.versions import TESTED, check_tested, installed_version
+from prefopt.weights import ld_dpo_token_weights, wpo_pair_weights
 
-__all__ = ["PrefoptDPOTrainer", "PrefoptDPOMixin", "patch_dpo_trainer", "install_prefopt_forward"]
+__all__ = ["PrefoptDPOTrainer", "PrefoptDPOMixin", "patch_dpo_trainer", "install_prefopt_forward",
+           "check_trl_internals", "TRLVersionError"]
 
 _TEXT_KEYS = frozenset({"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
+
+# What the drop-in relies on inside TRL, checked before training starts (`check_trl_internals`): the private
+# methods it overrides (with the parameters it is called with), the helpers it imports, and the trainer
+# attributes it reads. The TRL versions it is tested with are prefopt.versions.TESTED["trl"].
+_OVERRIDDEN = {"_compute_loss": ("model", "inputs", "return_outputs"), "compute_ref_log_probs": ("model", "inputs")}
+_HELPERS = (("trl.trainer.utils", "use_adapter"), ("trl.models.utils", "disable_gradient_checkpointing"))
+_TRAINER_ATTRS = ("args", "accelerator", "model", "ref_model", "beta", "loss_types", "loss_weights",
+                  "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef", "use_weighting", "ld_alpha",
+                  "precompute_ref_logps", "_metrics", "_total_train_tokens")
+
+
+class TRLVersionError(RuntimeError):
+    """The installed TRL lacks something the drop-in overrides or reads (outside the tested range)."""
+
+
+def _missing_internals(trainer=None):
+    missing = []
+    for name, params in _OVERRIDDEN.items():
+        method = getattr(DPOTrainer, name, None)
+        if not callable(method):
+            missing.append(f"DPOTrainer.{name}")
+            continue
+        have = list(inspect.signature(method).parameters)[1:]
+        if have[:len(params)] != list(params):
+            missing.append(f"DPOTrainer.{name}({', '.join(params)}) (this TRL has ({', '.join(have)}))")
+    for module, name in _HELPERS:
+        try:
+            getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            missing.append(f"{module}.{name}")
+    if trainer is not None:
+        missing += [f"DPOTrainer.{attr}" for attr in _TRAINER_ATTRS if not hasattr(trainer, attr)]
+    return missing
+
+
+def check_trl_internals(trainer=None):
+    """Before training: one warning line if TRL is outside the tested range; a `TRLVersionError` naming what is
+    missing if the methods the drop-in overrides (or the attributes it reads, given a `trainer`) are gone."""
+    check_tested("trl", "prefopt's TRL drop-in")
+    missing = _missing_internals(trainer)
+    if missing:
+        raise TRLVersionError(f"prefopt's TRL drop-in needs {'; '.join(missing)}, which trl "
+                              f"{installed_version('trl')} does not have (tested with trl {TESTED['trl']})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -48,6 +95,11 @@ _TEXT_KEYS = frozenset({"input_ids", "attention_mask", "completion_mask", "ref_c
 # ----------------------------------------------------------------------------------------------------------------
 class PrefoptDPOMixin:
     """Overrides of `trl.DPOTrainer` (see the module docstring). Mix in before `DPOTrainer`."""
+
+    def __init__(self, *args, **kwargs):
+        check_trl_internals()  # before TRL's constructor (which may already run the reference precompute)
+        super().__init__(*args, **kwargs)
+        check_trl_internals(self)
 
     #: log TRL's `logits/chosen`, `logits/rejected` and `mean_token_accuracy` (exact; costs one extra no-grad
     #: forward GEMM over the completion tokens). False skips that pass and logs NaN for them.
@@ -293,6 +345,7 @@ def patch_dpo_trainer(trainer, *, logits_metrics=True):
     """
     if not isinstance(trainer, DPOTrainer):
         raise TypeError(f"patch_dpo_trainer expects a trl.DPOTrainer, got {type(trainer).__name__}")
+    check_trl_internals(trainer)
     cls = type(trainer)
     if not issubclass(cls, PrefoptDPOMixin):
         if cls not in _PATCHED_CLASSES:
