@@ -382,7 +382,9 @@ def _model_forward(self, *args, prefopt=None, **kwargs):
     if prefopt.get("hidden_only"):
         return PrefoptOutput(hidden_states=hidden)
     ignore_index = prefopt.get("ignore_index", -100)
-    labels = shift_labels(input_ids, prefopt.get("completion_mask"), ignore_index, position_ids=position_ids)
+    labels = prefopt.get("labels")
+    if labels is None:  # given labels are already shifted (a context-parallel share: its last label is another rank's)
+        labels = shift_labels(input_ids, prefopt.get("completion_mask"), ignore_index, position_ids=position_ids)
     softcap, scale = logit_transform(self)
     head = lm_head_module(self)
     _patch_forward(_innermost(head), _head_forward, "_prefopt_head_installed")
@@ -420,8 +422,9 @@ def install_prefopt_forward(model):
     """Patch the forward of the transformers model inside `model` (idempotent; returns the patched module).
 
     `model(input_ids=..., attention_mask=..., prefopt={"completion_mask": m, "entropy": bool, "log_sum_p2": bool,
-    "logit_stats": bool, "temperature": t, "ignore_index": i, "chunk_size": c})` then returns a `PrefoptOutput`
-    with per-token `log_probs` [B, T], `labels`, `label_mask` and the requested extras, without logits; the
+    "logit_stats": bool, "temperature": t, "ignore_index": i, "chunk_size": c, "labels": l})` then returns a
+    `PrefoptOutput` with per-token `log_probs` [B, T], `labels` (given ones, already shifted, or shifted from
+    input_ids), `label_mask` and the requested extras, without logits; the
     backbone runs as the model's forward would run it and the head as a call of the LM head module (patched
     likewise on first use). Without the `prefopt` keyword the forward is the previous one (generation and
     every other caller unchanged).

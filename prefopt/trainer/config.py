@@ -130,6 +130,9 @@ class TrainConfig:
     fsdp: bool = False
     """Shard the model with FSDP2 (fully_shard per decoder layer + root) across the torchrun processes instead of
     DistributedDataParallel; checkpoints are sharded (torch.distributed.checkpoint). See docs/trainer.md."""
+    context_parallel: int = 1
+    """Split every sequence's tokens over this many ranks (groups of consecutive torchrun ranks read the same rows;
+    the world is data-parallel replicas x this); combinable with --fsdp. See docs/trainer.md "Context parallelism"."""
     precompute_ref_log_probs: bool = False
     """Compute the reference log-probs once before training, cache them in the run directory and free the reference
     model."""
@@ -215,6 +218,7 @@ class TrainConfig:
         "seed": (0, 2 ** 32 - 1, True, True), "max_steps": (None, None, True, True),
         "max_length": (2, None, True, True), "max_prompt_length": (1, None, True, True),
         "long_context": (16, None, True, True),
+        "context_parallel": (1, None, True, True),
     }
 
     def _check_numbers(self, types):
@@ -425,8 +429,9 @@ def _field_docs():
 
 
 # Settings that may differ between a run and its --resume (they do not change the computation).
+# context_parallel: how the global batch's tokens are split over ranks, as the process count (the global batch is checked).
 RESUME_FREE = ("output_dir", "resume", "overwrite", "logging_steps", "save_steps", "save_total_limit", "disable_tqdm",
-               "device", "backend")
+               "device", "backend", "context_parallel")
 
 
 def resume_mismatch(saved: dict, current: "TrainConfig") -> list:

@@ -12,7 +12,9 @@ and the data position after step s is s itself (what --resume restores).
 Multi-process (torchrun / WORLD_SIZE > 1): gloo on CPU, nccl on CUDA. The policy runs inside
 DistributedDataParallel (gradients averaged across ranks on the last micro-batch of a step, no_sync before it);
 metrics are averaged across ranks. With --fsdp the policy (and a frozen-copy reference) is sharded with FSDP2
-instead (`prefopt.trainer.fsdp`): every pass that touches the model runs inside the FSDP root's forward.
+instead (`prefopt.trainer.fsdp`): every pass that touches the model runs inside the FSDP root's forward. With
+--context_parallel N the ranks form groups of N that read the same rows and split every sequence's tokens
+(`prefopt.trainer.context_parallel`); the data order above is then over the world / N data-parallel replicas.
 """
 from __future__ import annotations
 
@@ -121,6 +123,10 @@ class Trainer:
         self.rank, self.world = self.dist.rank, self.dist.world
         error = None
         try:
+            # the data-parallel replicas (all ranks, or one per context-parallel group) read different rows
+            from prefopt.trainer.context_parallel import ContextParallel
+            self.cp = ContextParallel(cfg.context_parallel, self.rank, self.world)
+            self.data_rank, self.data_world = self.cp.data_rank, self.cp.data_world
             self._prepare(model, tokenizer, ref_model)
         except PrefoptInputError as err:
             error = err
@@ -133,7 +139,7 @@ class Trainer:
             from prefopt.trainer.long_context import generated_data
             if tokenizer is None and cfg.tokenizer is not None:
                 tokenizer = load_tokenizer(cfg.tokenizer)
-            global_batch = cfg.per_device_train_batch_size * self.world * cfg.gradient_accumulation_steps
+            global_batch = cfg.per_device_train_batch_size * self.data_world * cfg.gradient_accumulation_steps
             self.tokenizer, self.data_path, self.data = generated_data(cfg, tokenizer, global_batch)
         else:
             self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
@@ -148,12 +154,13 @@ class Trainer:
             raise PrefoptInputError(f"loss_type {cfg.loss_type!r} needs unpaired rows (prompt/completion/label) "
                                     f"but {self.data_path} holds paired rows (prompt/chosen/rejected)")
         self.ref_free = any(t in REF_FREE for t in cfg.loss_types)
-        self.global_batch = cfg.per_device_train_batch_size * self.world * cfg.gradient_accumulation_steps
+        self.global_batch = cfg.per_device_train_batch_size * self.data_world * cfg.gradient_accumulation_steps
         self.steps_per_epoch = len(self.data) // self.global_batch
         if self.steps_per_epoch == 0:
+            replicas = f"{self.data_world} data-parallel replicas" if self.cp.on else f"{self.world} processes"
             raise PrefoptInputError(
                 f"{self.data_path} has {len(self.data)} rows but one optimizer step needs {self.global_batch} "
-                f"(per_device_train_batch_size {cfg.per_device_train_batch_size} x {self.world} processes x "
+                f"(per_device_train_batch_size {cfg.per_device_train_batch_size} x {replicas} x "
                 f"gradient_accumulation_steps {cfg.gradient_accumulation_steps})")
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else \
             max(1, int(math.ceil(cfg.num_train_epochs * self.steps_per_epoch)))
@@ -162,6 +169,8 @@ class Trainer:
         # the model (deterministic for the seed), its reference and the optimizer
         self.adapter = as_adapter(model) if model is not None else build_model(cfg, self.tokenizer.vocab_size)
         self.module = self.adapter.module.to(self.device)
+        from prefopt.trainer.context_parallel import check_model
+        check_model(self.adapter, self.cp.size)  # before the reference copy: it inherits the split attention
         weight, _ = self.adapter.output_head()
         if weight.shape[0] < self.tokenizer.vocab_size:
             raise PrefoptInputError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's output "
@@ -174,6 +183,7 @@ class Trainer:
         if not self.ref_free and not cfg.reference_free:
             self.reference = make_reference(self.adapter) if ref_model is None else \
                 GivenReference(ref_model, self.device)
+            check_model(self.reference.adapter, self.cp.size)
             if cfg.precompute_ref_log_probs:
                 self.ref_hash = state_hash(self.module if ref_model is None else self.reference.adapter.module)
         if cfg.gradient_checkpointing:
@@ -260,7 +270,7 @@ class Trainer:
     def _batch(self, indices, examples=None):
         rows = [self.data.examples[i] for i in indices] if examples is None else examples
         batch = collate(rows, self.data.kind, self.tokenizer.pad_id, self.cfg.padding_free)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return self.cp.shard({k: v.to(self.device) for k, v in batch.items()})
 
     def _policy(self, fn, *args):
         """Run a policy pass: inside the FSDP root's forward under --fsdp (its hooks gather the parameters)."""
@@ -290,13 +300,14 @@ class Trainer:
         cu = batch.get("cu_seqlens")
         if cu is None:
             cu = torch.arange(labels.shape[0] + 1, device=flat.device, dtype=torch.long) * labels.shape[1]
-        counts = prefopt.sequence_logps(mask.float(), cu_seqlens=cu)
+        group = self.cp.group  # context parallel: sums over the group's slices of every sequence
+        counts = prefopt.sequence_logps(mask.float(), cu_seqlens=cu, group=group)
         weights = mask.float()
         if cfg.ld_alpha is not None and not self.kto:  # LD-DPO: the same token weights as the fused loss
-            weights = ld_dpo_token_weights(weights, (cu.numel() - 1) // 2, cfg.ld_alpha, cu)
+            weights = ld_dpo_token_weights(weights, (cu.numel() - 1) // 2, cfg.ld_alpha, cu, group)
         # float64 sums, as the fused loss forms the policy's: a float32 sum of 1e5-1e6 nats is spaced up to 0.125 at
         # 131072 tokens, coarser than the log-ratios the loss reads from it (docs/trainer.md "Long sequences")
-        seq = prefopt.sequence_logps(flat.double(), weights.double(), cu_seqlens=cu)
+        seq = prefopt.sequence_logps(flat.double(), weights.double(), cu_seqlens=cu, group=group)
         return seq, counts
 
     def _reference_logps(self, batch):
@@ -350,7 +361,7 @@ class Trainer:
             return table, True
         n, bs = len(self.data), 4 * self.cfg.per_device_train_batch_size  # no grad: bigger batches
         values = torch.zeros(n, 2, dtype=torch.float64)
-        mine = list(range(self.rank, n, self.world))
+        mine = list(range(self.data_rank, n, self.data_world))
         for start in range(0, len(mine), bs):
             idx = mine[start:start + bs]
             batch = self._batch(idx)
@@ -360,6 +371,8 @@ class Trainer:
                 values[idx, 0], values[idx, 1] = live, kl
             else:
                 values[idx, 0], values[idx, 1] = live[:len(idx)], live[len(idx):]
+        if self.cp.rank_in_group:  # every rank of a context-parallel group holds the same sums: count them once
+            values.zero_()
         values = self.dist.all_reduce_(values.to(self.device)).cpu()
         table = PrecomputedReference(values)
         if self.rank == 0:
@@ -415,6 +428,7 @@ class Trainer:
             hidden = hidden.to(weight.dtype)
         return prefopt.fused_linear_preference_loss(
             hidden, weight, batch["labels"], bias=bias, cu_seqlens=batch.get("cu_seqlens"), ignore_index=IGNORE_INDEX,
+            sequence_parallel_group=self.cp.group,
             temperature=cfg.temperature, softcap=self.adapter.softcap, logit_scale=self.adapter.logit_scale,
             loss_type=cfg.loss_types if len(cfg.loss_types) > 1 else cfg.loss_types[0], beta=cfg.beta,
             ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, rpo_alpha=cfg.rpo_alpha,
@@ -429,8 +443,8 @@ class Trainer:
         B = self.cfg.per_device_train_batch_size
         micro = []
         for k in range(self.cfg.gradient_accumulation_steps):
-            chunk = rows[k * B * self.world:(k + 1) * B * self.world]
-            micro.append(chunk[self.rank * B:(self.rank + 1) * B])
+            chunk = rows[k * B * self.data_world:(k + 1) * B * self.data_world]
+            micro.append(chunk[self.data_rank * B:(self.data_rank + 1) * B])
         return micro
 
     def _log(self, record):
@@ -543,7 +557,9 @@ class Trainer:
                 note += f" ({len(self.data.skipped)} bad rows skipped, first: {self.data.skipped[0]})"
             print(f"prefopt train: {len(self.data)} {'unpaired' if self.kto else 'paired'} rows from "
                   f"{self.data_path}{note}; {self.total_steps} steps x {self.global_batch} rows; "
-                  f"loss {cfg.loss_type}; world {self.world}; run dir {self.run_dir}"
+                  f"loss {cfg.loss_type}; world {self.world}"
+                  + (f" (context parallel {self.cp.size} x data parallel {self.data_world})" if self.cp.on else "")
+                  + f"; run dir {self.run_dir}"
                   + (f"; resuming at step {start_step}" if start_step else "")
                   + ("; reference logps from cache" if cached else ""), flush=True)
             # a bar redrawn with \r turns a log file into one interleaved line: plain step lines there
@@ -569,7 +585,8 @@ class Trainer:
                     self.fsdp.set_requires_gradient_sync(last)
                 with (self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()):
                     loss, stats = self._micro_loss(indices)
-                    (loss / cfg.gradient_accumulation_steps).backward()
+                    # context parallel: the group's partial gradients must add up under the world average
+                    (loss * (self.cp.gradient_scale / cfg.gradient_accumulation_steps)).backward()
                 loss_sum += float(loss.detach())
                 for k, (s, c) in stats.items():
                     a, b = sums.get(k, (0.0, 0.0))

@@ -43,8 +43,10 @@ class HFCausalLMAdapter:
         self.module = model
 
     def hidden_states(self, batch):
+        # a context-parallel share carries its split: the attention gathers the group's keys and values
+        split = {} if batch.get("context_split") is None else {"context_split": batch["context_split"]}
         return self._hf.last_hidden_states(self.module, batch["input_ids"], batch.get("attention_mask"),
-                                           batch.get("position_ids"))
+                                           batch.get("position_ids"), **split)
 
     def output_head(self):
         spec = self._hf.head_of(self.module)
