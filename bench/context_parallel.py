@@ -202,10 +202,16 @@ def main(argv=None):
     p.add_argument("--ranks", nargs="+", type=int, default=[1, 2], help="--train: context-parallel sizes")
     p.add_argument("--repeats", type=int, default=3, help="--attention: measured repeats (median)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per launch")
+    p.add_argument("--cap-gb", type=float, default=12.0, help="address-space cap (RLIMIT_AS) of each rank")
     p.add_argument("--out", default=None, help="JSON file for the records")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not args.worker:  # the workers read the parent's cap
+        os.environ["PREFOPT_BENCH_CAP_GB"] = str(args.cap_gb)
     if args.worker:
+        import resource
+        cap = int(float(os.environ.get("PREFOPT_BENCH_CAP_GB", "12")) * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))  # before torch: an over-size run fails, never swaps
         kind, *rest = args.worker
         if kind == "train":
             import torch
