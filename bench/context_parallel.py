@@ -2,7 +2,9 @@
 
 --train (default): one long-sequence training step, `prefopt train --long_context N --context_parallel R`, for N in
   --lengths and R in --ranks, each in its own `torchrun --nproc_per_node=R` (R = 1 runs the same worker without a
-  split). Every rank builds the preset's Trainer (random-init Llama hidden 128 x 2 layers, V = 128256, one generated
+  split). The shortest length (1024 by default) measures what does not depend on the length (model, gradients, AdamW
+  state, DDP's gradient buckets, the head's logits-tile cache); a longer length's peak above it is the memory that
+  grows with tokens (activations, attention, gathered keys and values). Every rank builds the preset's Trainer (random-init Llama hidden 128 x 2 layers, V = 128256, one generated
   pair packed into a 2N-token row, gradient checkpointing, live frozen-copy reference), notes its RSS, resets its
   peak (/proc/self/clear_refs = 5) and trains one step. Reported per rank: RSS before the step, peak RSS during it
   (the trainer's own VmHWM reading right after the optimizer step), the increase, the step's wall seconds and the
@@ -50,6 +52,8 @@ def _gather(record):
 
 
 def train_worker(n_tokens, ranks, work, out_path):
+    from bench.measure import _fixed_mmap_threshold
+    _fixed_mmap_threshold()  # glibc hands freed blocks >= 1 MiB back, so peak RSS tracks live memory (bench/measure.py)
     from prefopt.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig.from_dict({"long_context": n_tokens, "max_steps": 1, "context_parallel": ranks,
@@ -198,7 +202,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.context_parallel", description=__doc__.split("\n\n")[0])
     p.add_argument("--attention", action="store_true", help="the attention microbenchmark instead of --train")
     p.add_argument("--lengths", nargs="+", type=int, default=None,
-                   help="tokens per sequence (default: 16384 32768 for --train, 8192 16384 for --attention)")
+                   help="tokens per sequence (default: 1024 16384 32768 for --train, 8192 16384 for --attention)")
     p.add_argument("--ranks", nargs="+", type=int, default=[1, 2], help="--train: context-parallel sizes")
     p.add_argument("--repeats", type=int, default=3, help="--attention: measured repeats (median)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per launch")
@@ -224,7 +228,7 @@ def main(argv=None):
         records = run_attention(args.lengths or [8192, 16384], args.repeats, args.timeout)
         table = attention_markdown(records)
     else:
-        records = run_train(args.lengths or [16384, 32768], args.ranks, args.timeout)
+        records = run_train(args.lengths or [1024, 16384, 32768], args.ranks, args.timeout)
         table = train_markdown(records)
     print(table)
     if args.out:

@@ -149,6 +149,18 @@ class PrefoptDPOMixin:
         weights = ld_dpo_token_weights(label_mask, label_mask.shape[0] // 2, self.ld_alpha)
         return prefopt.sequence_logps(per_token, weights.double())
 
+    def _prefopt_chosen_nll(self, per_token, label_mask, n_pairs):
+        """The NLL term (sft / RPO): the mean token NLL over the chosen completions."""
+        chosen_mask = label_mask[:n_pairs]
+        return -(per_token[:n_pairs] * chosen_mask).sum() / chosen_mask.sum().clamp(min=1)
+
+    def _prefopt_wpo_weights(self, per_token, log_sum_p2, label_mask, n_pairs):
+        return wpo_pair_weights(per_token, log_sum_p2, label_mask, n_pairs)
+
+    def _prefopt_token_count(self, inputs):
+        """This process's share of TRL's `num_tokens` metric (summed over processes)."""
+        return inputs["attention_mask"].sum()
+
     def _prefopt_forward(self, model, inputs, **request):
         request["completion_mask"] = inputs["completion_mask"]
         # accelerate wraps `model.forward` in autocast at prepare time; the patched forward may sit outside that
@@ -209,11 +221,10 @@ class PrefoptDPOMixin:
         rpo_alpha = getattr(self.args, "rpo_alpha", None)
         chosen_nll = None
         if "sft" in loss_types or rpo_alpha is not None:
-            chosen_mask = label_mask[:n_pairs]
-            chosen_nll = -(per_token[:n_pairs] * chosen_mask).sum() / chosen_mask.sum().clamp(min=1)
+            chosen_nll = self._prefopt_chosen_nll(per_token, label_mask, n_pairs)
         policy_weights = None
         if self.use_weighting:  # WPO (Eq. 2): per-pair product of exp(mean aligned token logp), no grad
-            policy_weights = wpo_pair_weights(per_token, out.log_sum_sq_probs, label_mask, n_pairs)
+            policy_weights = self._prefopt_wpo_weights(per_token, out.log_sum_sq_probs, label_mask, n_pairs)
         common = dict(beta=self.beta, f_divergence_type=self.f_divergence_type,
                       f_alpha_divergence_coef=self.f_alpha_divergence_coef,
                       discopop_tau=getattr(self.args, "discopop_tau", 0.05), chosen_lengths=chosen_lengths,
@@ -253,7 +264,7 @@ class PrefoptDPOMixin:
         total_tokens = acc.gather_for_metrics(mask.sum()).sum()
         metrics["entropy"].append((entropy_sum / total_tokens).item() if total_tokens > 0 else 0.0)
         if mode == "train":
-            num_tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            num_tokens = acc.gather_for_metrics(self._prefopt_token_count(inputs)).sum().item()
             self._total_train_tokens += num_tokens // getattr(self, "_tp_size", 1)
         metrics["num_tokens"] = [self._total_train_tokens]
 

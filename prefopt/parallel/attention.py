@@ -9,7 +9,10 @@ A chunk attends to two kinds of key blocks, neither of which needs a mask:
   full.
 Each block runs the flash-attention kernel behind `torch.nn.functional.scaled_dot_product_attention`
 (`aten._scaled_dot_product_flash_attention_for_cpu`), which also returns the block's log-sum-exp; the blocks' outputs
-merge with weights exp(lse_block - lse), lse = logsumexp over the blocks, in float32 (float64 for float64 inputs).
+merge with weights exp(lse_block - lse), lse = logsumexp over the blocks. The kernels and the merge run in float32
+(float64 for float64 inputs): bfloat16 / float16 inputs are widened per call, and the output and the gradients are
+rounded to the input dtype once, at the end (rounding each block's bfloat16 output before the merge cost up to 4x the
+error of one-process bfloat16 SDPA at 3 ranks, measured by tests/test_context_parallel.py).
 
 Backward: the same kernel's backward on each block, given the *merged* output and log-sum-exp. Its probabilities are
 then exp(s - lse) over the whole key set and its correction term rowsum(dO * O) the merged one, so each block's
@@ -97,51 +100,53 @@ class ContextAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, split, scale):
         forward_kernel, _ = _kernels(query.device)
-        keys, values = _gather(key, split), _gather(value, split)
         acc = _acc(query.dtype)
-        out = query.new_zeros(query.shape[:-1] + value.shape[-1:])
+        keys, values = _gather(key, split).to(acc), _gather(value, split).to(acc)
+        local_k, local_v = key.to(acc), value.to(acc)
+        out = torch.zeros(query.shape[:-1] + value.shape[-1:], dtype=acc, device=query.device)
         lse = torch.zeros(query.shape[:-1], dtype=acc, device=query.device)
         for chunk in split.chunks(split.rank):
-            q = chunk.take(query)
+            q = chunk.take(query).to(acc)
             parts = [forward_kernel(q, k, v, 0.0, causal, scale=scale)
-                     for k, v, causal, _ in _blocks(split, chunk, key, value, keys, values)]
+                     for k, v, causal, _ in _blocks(split, chunk, local_k, local_v, keys, values)]
             if len(parts) == 1:
-                merged_out, merged_lse = parts[0][0], parts[0][1].to(acc)
+                merged_out, merged_lse = parts[0]
             else:
-                block_lse = torch.stack([p[1].to(acc) for p in parts])
+                block_lse = torch.stack([p[1] for p in parts])
                 merged_lse = torch.logsumexp(block_lse, dim=0)
                 weights = (block_lse - merged_lse).exp().unsqueeze(-1)
-                merged_out = sum(w * p[0].to(acc) for w, p in zip(weights, parts)).to(query.dtype)
+                merged_out = sum(w * p[0] for w, p in zip(weights, parts))
             _put(out, chunk, merged_out)
             _put(lse, chunk, merged_lse)
         ctx.split, ctx.scale = split, scale
-        ctx.save_for_backward(query, key, value, out, lse)
-        return out
+        ctx.save_for_backward(query, key, value, out, lse)   # out in the accumulation dtype
+        return out.to(query.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, lse = ctx.saved_tensors
         split, scale = ctx.split, ctx.scale
         _, backward_kernel = _kernels(query.device)
-        keys, values = _gather(key, split), _gather(value, split)
         acc = _acc(query.dtype)
+        keys, values = _gather(key, split).to(acc), _gather(value, split).to(acc)
+        local_k, local_v = key.to(acc), value.to(acc)
         grad_q = torch.zeros(query.shape, dtype=acc, device=query.device)
         grad_k = torch.zeros(key.shape, dtype=acc, device=key.device)
         grad_v = torch.zeros(value.shape, dtype=acc, device=value.device)
         grad_keys = torch.zeros(keys.shape, dtype=acc, device=keys.device)
         grad_values = torch.zeros(values.shape, dtype=acc, device=values.device)
         for chunk in split.chunks(split.rank):
-            g = chunk.take(grad_out).contiguous()
-            q, o, m = chunk.take(query), chunk.take(out), chunk.take(lse)
-            for k, v, causal, (rank, owner) in _blocks(split, chunk, key, value, keys, values):
+            g = chunk.take(grad_out).to(acc).contiguous()
+            q, o, m = chunk.take(query).to(acc), chunk.take(out), chunk.take(lse)
+            for k, v, causal, (rank, owner) in _blocks(split, chunk, local_k, local_v, keys, values):
                 gq, gk, gv = backward_kernel(g, q, k, v, o, m, 0.0, causal, scale=scale)
-                _add(grad_q, chunk, gq.to(acc))
+                _add(grad_q, chunk, gq)
                 if rank == split.rank:
-                    _add(grad_k, owner, gk.to(acc))
-                    _add(grad_v, owner, gv.to(acc))
+                    _add(grad_k, owner, gk)
+                    _add(grad_v, owner, gv)
                 else:
-                    _add(grad_keys[rank], owner, gk.to(acc))
-                    _add(grad_values[rank], owner, gv.to(acc))
+                    _add(grad_keys[rank], owner, gk)
+                    _add(grad_values[rank], owner, gv)
         # every rank's gradients for the keys / values of rank w, summed: rank w keeps its own
         all_reduce_sum(grad_keys, split.group)
         all_reduce_sum(grad_values, split.group)
