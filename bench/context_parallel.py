@@ -2,14 +2,16 @@
 
 --train (default): one long-sequence training step, `prefopt train --long_context N --context_parallel R`, for N in
   --lengths and R in --ranks, each in its own `torchrun --nproc_per_node=R` (R = 1 runs the same worker without a
-  split). The shortest length (1024 by default) measures what does not depend on the length (model, gradients, AdamW
-  state, DDP's gradient buckets, the head's logits-tile cache); a longer length's peak above it is the memory that
-  grows with tokens (activations, attention, gathered keys and values). Every rank builds the preset's Trainer (random-init Llama hidden 128 x 2 layers, V = 128256, one generated
+  split). Every rank builds the preset's Trainer (random-init Llama hidden 128 x 2 layers, V = 128256, one generated
   pair packed into a 2N-token row, gradient checkpointing, live frozen-copy reference), notes its RSS, resets its
-  peak (/proc/self/clear_refs = 5) and trains one step. Reported per rank: RSS before the step, peak RSS during it
-  (the trainer's own VmHWM reading right after the optimizer step), the increase, the step's wall seconds and the
-  rank's CPU seconds up to its optimizer update (one thread per rank: its own work, without the time it waited for a
-  busy shared machine or for the other rank); plus the loss (equal across R up to float32 summation order).
+  peak (/proc/self/clear_refs = 5) and trains one step. Reported per rank: RSS before the step, the peak RSS of the
+  forward + backward (VmHWM when the optimizer step begins) and of the whole step (the trainer's own VmHWM reading
+  right after the optimizer step, which adds AdamW's first-step state and its temporaries), the step's wall seconds
+  and the rank's CPU seconds up to its optimizer update (one thread per rank: its own work, without the time it waited
+  for a busy shared machine or for the other rank); plus the loss (equal across R up to float32 summation order).
+  The shortest length (1024 by default) measures what does not depend on the length (model, gradients, AdamW
+  state, DDP's gradient buckets, the head's logits-tile cache); a longer length's peak above it is the memory that
+  grows with tokens (activations, attention, gathered keys and values).
 --attention: the attention alone (prefopt/parallel/attention.py) on one packed pair of N-token sequences, 4 heads of
   32, float32, forward + backward, contiguous vs balanced layout, interleaved, median of --repeats; per rank, wall
   time (which includes waiting for the slower rank in the collectives) and CPU time (one thread: the rank's own work).
@@ -67,6 +69,7 @@ def train_worker(n_tokens, ranks, work, out_path):
     step = trainer.optimizer.step
 
     def timed_step(*a, **kw):  # the step's CPU seconds end at its optimizer update, as the trainer's step time does
+        cpu.setdefault("fwd_bwd_peak", _status_mib("VmHWM"))  # forward + backward, before AdamW's first-step state
         out = step(*a, **kw)
         cpu.setdefault("end", time.process_time())
         return out
@@ -78,7 +81,8 @@ def train_worker(n_tokens, ranks, work, out_path):
     cpu["start"] = time.process_time()
     # train() tears the process group down at its end: exchange the records through files instead
     record = trainer.train()["history"][0]
-    mine = dict(rank=rank, start_mib=start, peak_mib=record["peak_rss_mib"], step_s=record["step_seconds"],
+    mine = dict(rank=rank, start_mib=start, peak_mib=record["peak_rss_mib"], fwd_bwd_peak_mib=cpu["fwd_bwd_peak"],
+                step_s=record["step_seconds"],
                 cpu_s=cpu["end"] - cpu["start"], loss=record["loss"], margins=record["rewards/margins"],
                 grad_norm=record["grad_norm"])
     with open(f"{out_path}.rank{rank}", "w") as f:
@@ -172,15 +176,15 @@ def run_attention(lengths, repeats, timeout):
 
 
 def train_markdown(records):
-    lines = ["| tokens per sequence | ranks | rank | RSS before step (MiB) | peak RSS in step (MiB) | increase (MiB) | "
-             "step wall (s) | step CPU (s) | loss |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| tokens per sequence | ranks | rank | RSS before step (MiB) | peak in forward + backward (MiB) | "
+             "peak in step (MiB) | step wall (s) | step CPU (s) | loss |", "|---|---|---|---|---|---|---|---|---|"]
     for rec in records:
         if not rec["ok"]:
             lines.append(f"| {rec['tokens']} | {rec['ranks']} | - | failed | | | | | |")
             continue
         for row in sorted(rec["per_rank"], key=lambda r: r["rank"]):
             lines.append(f"| {rec['tokens']} | {rec['ranks']} | {row['rank']} | {row['start_mib']:.0f} | "
-                         f"{row['peak_mib']:.0f} | {row['peak_mib'] - row['start_mib']:.0f} | {row['step_s']:.1f} | "
+                         f"{row['fwd_bwd_peak_mib']:.0f} | {row['peak_mib']:.0f} | {row['step_s']:.1f} | "
                          f"{row['cpu_s']:.1f} | {row['loss']:.6f} |")
     return "\n".join(lines)
 

@@ -6,11 +6,13 @@
   fused path (one-line switch).
 * `prefopt.integrations.liger` - Liger-Kernel's chunked preference losses (DPO, ORPO, SimPO, CPO, KTO) with
   Liger's names, argument order and return structure, on prefopt's fused head (swap one import).
+* `prefopt.integrations.context_parallel` - `prefopt_cp` attention and `sequence_logps(..., group=)`: one sequence's
+  tokens split over the ranks of a group; `prefopt.integrations.trl_context_parallel` - `ContextParallelDPOTrainer`.
 * `prefopt.integrations.tiny` - tiny random HF models and a local tokenizer (tests, examples, smoke runs).
 """
 import importlib
 
-__all__ = ["transformers", "trl", "liger", "tiny"]
+__all__ = ["transformers", "trl", "liger", "tiny", "context_parallel", "trl_context_parallel"]
 
 
 def __getattr__(name):

@@ -429,7 +429,8 @@ def _field_docs():
 
 
 # Settings that may differ between a run and its --resume (they do not change the computation).
-# context_parallel: how the global batch's tokens are split over ranks, as the process count (the global batch is checked).
+# context_parallel: how the global batch's tokens are split over ranks, as the process count is (the global batch is
+# checked on resume).
 RESUME_FREE = ("output_dir", "resume", "overwrite", "logging_steps", "save_steps", "save_total_limit", "disable_tqdm",
                "device", "backend", "context_parallel")
 
