@@ -1,8 +1,8 @@
 """`python -m bench.context_parallel`: context parallelism on this machine (gloo, CPU), two measurements.
 
 --train (default): one long-sequence training step, `prefopt train --long_context N --context_parallel R`, for N in
-  --lengths and R in --ranks, each in its own `torchrun --nproc_per_node=R` (R = 1 runs the same worker without a
-  split). Every rank builds the preset's Trainer (random-init Llama hidden 128 x 2 layers, V = 128256, one generated
+  --lengths and R in --ranks (R = 2b: --context_parallel_balanced), each in its own `torchrun --nproc_per_node=R`
+  (R = 1 runs the same worker without a split). Every rank builds the preset's Trainer (random-init Llama hidden 128 x 2 layers, V = 128256, one generated
   pair packed into a 2N-token row, gradient checkpointing, live frozen-copy reference), notes its RSS, resets its
   peak (/proc/self/clear_refs = 5) and trains one step. Reported per rank: RSS before the step, the peak RSS of the
   forward + backward (VmHWM when the optimizer step begins) and of the whole step (the trainer's own VmHWM reading
@@ -53,12 +53,20 @@ def _gather(record):
     return out
 
 
-def train_worker(n_tokens, ranks, work, out_path):
+def _spec(ranks):
+    """'2' -> (2, contiguous); '2b' -> (2, balanced)."""
+    ranks = str(ranks)
+    return int(ranks.rstrip("b")), ranks.endswith("b")
+
+
+def train_worker(n_tokens, spec, work, out_path):
+    ranks, balanced = _spec(spec)
     from bench.measure import _fixed_mmap_threshold
     _fixed_mmap_threshold()  # glibc hands freed blocks >= 1 MiB back, so peak RSS tracks live memory (bench/measure.py)
     from prefopt.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig.from_dict({"long_context": n_tokens, "max_steps": 1, "context_parallel": ranks,
+                                 "context_parallel_balanced": balanced,
                                  "output_dir": os.path.join(work, "run"), "overwrite": True, "disable_tqdm": True,
                                  "save_total_limit": 1})
     trainer = Trainer(cfg)
@@ -140,18 +148,19 @@ def _launch(ranks, args, timeout):
 def run_train(lengths, ranks_list, timeout):
     records = []
     for n_tokens in lengths:
-        for ranks in ranks_list:
+        for spec in ranks_list:
+            ranks, _ = _spec(spec)
             with tempfile.TemporaryDirectory() as work:
                 out = os.path.join(work, "record.json")
                 t0 = time.time()
-                proc = _launch(ranks, ["--worker", "train", str(n_tokens), str(ranks), work, out], timeout)
+                proc = _launch(ranks, ["--worker", "train", str(n_tokens), str(spec), work, out], timeout)
                 rows = []
                 for r in range(ranks):
                     path = f"{out}.rank{r}"
                     if os.path.exists(path):
                         with open(path) as f:
                             rows.append(json.load(f))
-                rec = dict(tokens=n_tokens, ranks=ranks, wall_s=time.time() - t0, per_rank=rows,
+                rec = dict(tokens=n_tokens, ranks=str(spec), wall_s=time.time() - t0, per_rank=rows,
                            ok=proc.returncode == 0 and len(rows) == ranks)
                 if not rec["ok"]:
                     rec["error"] = (proc.stdout[-1500:] + proc.stderr[-3000:])
@@ -207,7 +216,8 @@ def main(argv=None):
     p.add_argument("--attention", action="store_true", help="the attention microbenchmark instead of --train")
     p.add_argument("--lengths", nargs="+", type=int, default=None,
                    help="tokens per sequence (default: 1024 16384 32768 for --train, 8192 16384 for --attention)")
-    p.add_argument("--ranks", nargs="+", type=int, default=[1, 2], help="--train: context-parallel sizes")
+    p.add_argument("--ranks", nargs="+", default=["1", "2"], help="--train: context-parallel sizes; a 'b' suffix "
+                   "(2b) uses the balanced layout (--context_parallel_balanced)")
     p.add_argument("--repeats", type=int, default=3, help="--attention: measured repeats (median)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per launch")
     p.add_argument("--cap-gb", type=float, default=12.0, help="address-space cap (RLIMIT_AS) of each rank")
@@ -224,7 +234,7 @@ def main(argv=None):
         if kind == "train":
             import torch
             torch.set_num_threads(1)
-            train_worker(int(rest[0]), int(rest[1]), rest[2], rest[3])
+            train_worker(int(rest[0]), rest[1], rest[2], rest[3])
         else:
             attention_worker(int(rest[0]), int(rest[1]), rest[2])
         return 0

@@ -176,11 +176,13 @@ def test_trainer_context_parallel_matches_one_process_and_resumes(tmp_path, monk
 
 
 @pytest.mark.slow
-def test_trainer_context_parallel_with_fsdp_padding_free_matches_one_process(tmp_path, monkeypatch):
-    """2 ranks sharding the model (--fsdp) and splitting the packed rows (--context_parallel 2) at once."""
+def test_trainer_balanced_context_parallel_with_fsdp_padding_free_matches_one_process(tmp_path, monkeypatch):
+    """2 ranks sharding the model (--fsdp) and splitting the packed rows (--context_parallel 2, the balanced layout)
+    at once."""
     from prefopt.trainer.loop import GRADS_ENV
     out, grads = tmp_path / "split", tmp_path / "split-grads"
-    torchrun(["-m", "prefopt", "train", "--context_parallel", "2", "--fsdp", "--padding_free",
+    torchrun(["-m", "prefopt", "train", "--context_parallel", "2", "--context_parallel_balanced", "--fsdp",
+              "--padding_free",
               "--per_device_train_batch_size", "2", "--output_dir", str(out), *TRAIN], tmp_path,
              env_extra={GRADS_ENV: str(grads)})
     one = _one_process(tmp_path, monkeypatch, "one", per_device_train_batch_size=2, padding_free=True)
@@ -199,6 +201,10 @@ def test_context_parallel_settings_are_checked_before_anything_runs(tmp_path):
         ContextParallel(2, 0, 3)
     with pytest.raises(PrefoptInputError, match="context_parallel"):
         TrainConfig(context_parallel=0)
+    with pytest.raises(PrefoptInputError, match="ld_alpha"):
+        TrainConfig(context_parallel=2, context_parallel_balanced=True, ld_alpha=0.5)
+    with pytest.raises(PrefoptInputError, match="needs context_parallel > 1"):
+        TrainConfig(context_parallel_balanced=True)
 
     class Protocol(torch.nn.Module):
         def hidden_states(self, batch):

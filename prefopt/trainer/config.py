@@ -133,6 +133,9 @@ class TrainConfig:
     context_parallel: int = 1
     """Split every sequence's tokens over this many ranks (groups of consecutive torchrun ranks read the same rows;
     the world is data-parallel replicas x this); combinable with --fsdp. See docs/trainer.md "Context parallelism"."""
+    context_parallel_balanced: bool = False
+    """With context_parallel: give each rank a head and a tail part of every sequence instead of one contiguous part,
+    so the causal attention's work is the same on every rank (not with ld_alpha)."""
     precompute_ref_log_probs: bool = False
     """Compute the reference log-probs once before training, cache them in the run directory and free the reference
     model."""
@@ -198,6 +201,11 @@ class TrainConfig:
             bad("--resume latest needs --output_dir (the run directory holding checkpoint-N folders)")
         if self.resume is not None and self.overwrite:
             bad("--resume and --overwrite exclude each other (continue the run, or start it over)")
+        if self.context_parallel_balanced and self.ld_alpha is not None:
+            bad("context_parallel_balanced cannot be combined with ld_alpha: LD-DPO counts completion tokens in rank "
+                "order, which only the contiguous layout keeps")
+        if self.context_parallel_balanced and self.context_parallel == 1:
+            bad("context_parallel_balanced needs context_parallel > 1")
         if not isinstance(self.model_config, dict):
             bad(f"model_config must be a mapping, got {type(self.model_config).__name__}")
 
@@ -432,7 +440,7 @@ def _field_docs():
 # context_parallel: how the global batch's tokens are split over ranks, as the process count is (the global batch is
 # checked on resume).
 RESUME_FREE = ("output_dir", "resume", "overwrite", "logging_steps", "save_steps", "save_total_limit", "disable_tqdm",
-               "device", "backend", "context_parallel")
+               "device", "backend", "context_parallel", "context_parallel_balanced")
 
 
 def resume_mismatch(saved: dict, current: "TrainConfig") -> list:

@@ -3,8 +3,9 @@
 The world is a data x context grid: ranks [k N, (k + 1) N) form context-parallel group k (consecutive ranks, so a
 group shares a node when the launcher fills nodes in rank order), and group k is data-parallel replica k. All ranks of a
 group read the same rows; each holds 1/N of every sequence's tokens (prefopt/parallel/context.py, contiguous layout)
-with their global position ids; the attention gathers the group's keys and values (prefopt/parallel/attention.py) and
-the loss sums the sequences over the group (`sequence_parallel_group`).
+with their global position ids (contiguous parts, or with `--context_parallel_balanced` a head and a tail part each);
+the attention gathers the group's keys and values (prefopt/parallel/attention.py) and the loss sums the sequences over
+the group (`sequence_parallel_group`).
 
 Gradients. Every rank of a group backpropagates the same loss through its own tokens, so its parameter gradients
 are partial: the group's gradient is their *sum*. Data-parallel replicas *average*. The trainer's one reduction
@@ -23,11 +24,12 @@ from prefopt.trainer.config import PrefoptInputError
 class ContextParallel:
     """This rank's place in the data x context grid of `--context_parallel size` over `world` ranks."""
 
-    def __init__(self, size: int, rank: int, world: int):
+    def __init__(self, size: int, rank: int, world: int, balanced: bool = False):
         if world % size:
             raise PrefoptInputError(f"--context_parallel {size} needs a world size divisible by it; torchrun started "
                                     f"{world} processes")
         self.size = size
+        self.balanced = balanced
         self.data_world, self.data_rank = world // size, rank // size
         self.rank_in_group = rank % size
         self.group = None
@@ -48,7 +50,7 @@ class ContextParallel:
     def shard(self, batch):
         """This rank's share of a collated batch (every `[B, T]` tensor sliced, position ids, local cu_seqlens, the
         split under "context_split"); the batch itself when off."""
-        return split_batch(batch, self.group) if self.on else batch
+        return split_batch(batch, self.group, balanced=self.balanced) if self.on else batch
 
 
 def check_model(adapter, size):

@@ -125,7 +125,7 @@ class Trainer:
         try:
             # the data-parallel replicas (all ranks, or one per context-parallel group) read different rows
             from prefopt.trainer.context_parallel import ContextParallel
-            self.cp = ContextParallel(cfg.context_parallel, self.rank, self.world)
+            self.cp = ContextParallel(cfg.context_parallel, self.rank, self.world, cfg.context_parallel_balanced)
             self.data_rank, self.data_world = self.cp.data_rank, self.cp.data_world
             self._prepare(model, tokenizer, ref_model)
         except PrefoptInputError as err:
