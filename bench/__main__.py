@@ -5,6 +5,7 @@ Examples:
   prefopt bench                                   # the default grid (V up to 256k where memory allows)
   prefopt bench --reference-only                  # only the reference DPO case, both input kinds
   prefopt bench --long                            # one pair of 4k-64k-token sequences (+ V=128k), capped processes
+  prefopt bench --long-train                      # one DPO training step at 4k-32k tokens, V=128256: prefopt vs TRL
   prefopt bench --filtering                       # fused-head backward, exact vs filter_eps (bench/filtering.py)
   prefopt bench --heads                           # GPU: fused vs tiled head, measured vs predicted (bench/heads.py)
   prefopt bench --heads --dry-run                 # the plan and the cost model's predictions, no GPU needed
@@ -29,6 +30,9 @@ def _parser(prog=None):
                    help="small grid (reference case included); its duration on 2 cores is in docs/bench.md")
     p.add_argument("--long", action="store_true", help="long-sequence set (bench/long.py): one pair, 4k/16k/64k tokens "
                    "per sequence and a V=128k point, each implementation in its own process under --cap-gb")
+    p.add_argument("--long-train", action="store_true", help="one full DPO training step at 4k-32k tokens per "
+                   "sequence, V=128256 (bench/long_train.py): prefopt's trainer, TRL, TRL + Liger, TRL + prefopt's "
+                   "drop-in, each in its own capped process; its options: --long-train --help")
     p.add_argument("--filtering", action="store_true", help="gradient filtering (bench/filtering.py): exact vs "
                    "filtered backward of one head at V=128k; must come first, its options: --filtering --help")
     p.add_argument("--heads", action="store_true", help="the triton backend's two heads on a GPU, measured next "
@@ -97,6 +101,11 @@ def main(argv=None, prog=None) -> int:
         from .filtering import main_filtering, parser
         prog = prog or ("python -m bench" if __package__ == "bench" else "prefopt bench")
         return main_filtering(parser(f"{prog} --filtering").parse_args(argv[1:]))
+    if "--long-train" in argv:  # its own options (bench/long_train.py)
+        from .long_train import main_long_train, parser
+        prog = prog or ("python -m bench" if __package__ == "bench" else "prefopt bench")
+        rest = [a for a in argv if a != "--long-train"]
+        return main_long_train(parser(f"{prog} --long-train").parse_args(rest))
     if argv[:1] == ["--heads"]:  # its own options (bench/heads.py)
         from .heads import main_heads, parser
         prog = prog or ("python -m bench" if __package__ == "bench" else "prefopt bench")

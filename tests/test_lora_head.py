@@ -207,14 +207,17 @@ def test_other_head_adapters_are_refused(config):
 
 
 def test_patched_head_keeps_peft_forward():
-    """After install_prefopt_forward, a plain call of the PEFT model still gives PEFT's own logits."""
+    """After install_prefopt_forward, a plain call of the PEFT model still gives PEFT's own logits, bit for bit, at
+    every real token (padding positions are attended by nothing; prefopt_sdpa, which the install switches an sdpa
+    model to, leaves their outputs 0: prefopt/integrations/attention.py)."""
     model = _lora(_base())
     input_ids, attention_mask, _ = _batch()
+    real = attention_mask.bool()
     before = model(input_ids=input_ids, attention_mask=attention_mask).logits
     install_prefopt_forward(model)
     token_logps(model, input_ids, attention_mask)
-    torch.testing.assert_close(model(input_ids=input_ids, attention_mask=attention_mask).logits, before, rtol=0,
-                               atol=0)
+    after = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(after[real], before[real], rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -8,11 +8,15 @@
   Liger's names, argument order and return structure, on prefopt's fused head (swap one import).
 * `prefopt.integrations.adapters` - LoRA on the LM head: the fused head on augmented operands (no logits).
 * `prefopt.integrations.moe` - the mixture-of-experts router load-balancing loss, as TRL adds it.
+* `prefopt.integrations.attention` - `prefopt_sdpa`: attention whose memory is linear in tokens (no `[T, T]` mask).
+* `prefopt.integrations.context_parallel` - `prefopt_cp` attention and `sequence_logps(..., group=)`: one sequence's
+  tokens split over the ranks of a group; `prefopt.integrations.trl_context_parallel` - `ContextParallelDPOTrainer`.
 * `prefopt.integrations.tiny` - tiny random HF models and a local tokenizer (tests, examples, smoke runs).
 """
 import importlib
 
-__all__ = ["transformers", "trl", "liger", "adapters", "moe", "tiny"]
+__all__ = ["transformers", "trl", "liger", "adapters", "moe", "attention", "context_parallel", "trl_context_parallel",
+           "tiny"]
 
 
 def __getattr__(name):

@@ -35,6 +35,7 @@ from transformers.utils import ModelOutput
 
 import prefopt
 from prefopt.integrations import adapters, moe
+from prefopt.integrations.attention import use_linear_attention
 from prefopt.versions import check_tested
 
 __all__ = ["HeadSpec", "head_of", "head_operands", "last_hidden_states", "shift_labels", "token_logps",
@@ -193,10 +194,11 @@ def last_hidden_states(model, input_ids, attention_mask=None, position_ids=None,
 
     Runs inside `model(...)` (the patched forward, see `install_prefopt_forward`), so sharded engines gather
     the parameters. Padding-free input: one row `[1, N]` of concatenated sequences with `position_ids`
-    restarting at 0 for each sequence and `attention_mask=None` (transformers then builds the block-diagonal
-    causal mask). Other keywords go to the backbone (a vision-language model's image inputs).
-    `return_router_aux_loss=True` (mixture-of-experts models): returns `(hidden, aux_loss)`, the router
-    load-balancing loss of this forward, unweighted (`prefopt.integrations.moe`).
+    restarting at 0 for each sequence and `attention_mask=None` (each sequence attends causally to itself; on
+    `sdpa` models through `prefopt_sdpa`, with no `[N, N]` mask: prefopt/integrations/attention.py). Other keywords
+    go to the backbone (a vision-language model's image inputs). `return_router_aux_loss=True` (mixture-of-experts
+    models): returns `(hidden, aux_loss)`, the router load-balancing loss of this forward, unweighted
+    (`prefopt.integrations.moe`).
     """
     install_prefopt_forward(model)
     out = _call_target(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -439,7 +441,9 @@ def _model_forward(self, *args, prefopt=None, **kwargs):
     if prefopt.get("hidden_only"):
         return PrefoptOutput(hidden_states=hidden, **aux)
     ignore_index = prefopt.get("ignore_index", -100)
-    labels = shift_labels(input_ids, prefopt.get("completion_mask"), ignore_index, position_ids=position_ids)
+    labels = prefopt.get("labels")
+    if labels is None:  # given labels are already shifted (a context-parallel share: its last label is another rank's)
+        labels = shift_labels(input_ids, prefopt.get("completion_mask"), ignore_index, position_ids=position_ids)
     softcap, scale = logit_transform(self)
     head = lm_head_module(self)
     _patch_forward(_innermost(head), _head_forward, "_prefopt_head_installed")
@@ -477,17 +481,24 @@ def install_prefopt_forward(model):
     """Patch the forward of the transformers model inside `model` (idempotent; returns the patched module).
 
     `model(input_ids=..., attention_mask=..., prefopt={"completion_mask": m, "entropy": bool, "log_sum_p2": bool,
-    "logit_stats": bool, "router_aux_loss": bool, "temperature": t, "ignore_index": i, "chunk_size": c})` then
-    returns a `PrefoptOutput` with per-token `log_probs` [B, T], `labels`, `label_mask` and the requested extras,
-    without logits (other keywords, e.g. a vision-language model's image inputs, go to the backbone); the
+    "logit_stats": bool, "router_aux_loss": bool, "temperature": t, "ignore_index": i, "chunk_size": c,
+    "labels": l})` then returns a `PrefoptOutput` with per-token `log_probs` [B, T], `labels` (given ones, already
+    shifted, or shifted from input_ids), `label_mask` and the requested extras, without logits (other keywords,
+    e.g. a vision-language model's image inputs, go to the backbone); the
     backbone runs as the model's forward would run it and the head as a call of the LM head module (patched
     likewise on first use). Without the `prefopt` keyword the forward is the previous one (generation and
     every other caller unchanged).
+
+    On first install a model on `sdpa` attention is switched to `prefopt_sdpa`
+    (`prefopt.integrations.attention.use_linear_attention`): the same results, with memory linear in tokens for
+    padding-free rows and padded batches (no `[T, T]` mask). `model.set_attn_implementation("sdpa")` afterwards
+    switches it back.
     """
     target = unwrap_model(model)
     if not target.__dict__.get("_prefopt_forward_installed", False):
-        # the patch reads the model through public transformers API only (output embeddings, the backbone
-        # prefix, ModelOutput); a transformers outside the tested range still gets one line saying so
+        use_linear_attention(target)
+        # the patch and prefopt_sdpa use transformers' public API and its registries (output embeddings, the
+        # backbone prefix, ModelOutput, the attention and mask interfaces); outside the tested range: one line
         check_tested("transformers", "prefopt's HF integration")
     _patch_forward(target, _model_forward, "_prefopt_forward_installed")
     return target

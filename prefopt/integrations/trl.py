@@ -111,6 +111,8 @@ class PrefoptDPOMixin:
         check_trl_internals()  # before TRL's constructor (which may already run the reference precompute)
         super().__init__(*args, **kwargs)
         check_trl_internals(self)
+        # precomputed reference sums are stored in float64; TRL's collator would round them to float32
+        self.data_collator = _float64_reference_collator(self.data_collator)
 
     #: log TRL's `logits/chosen`, `logits/rejected` and `mean_token_accuracy` (exact; costs one extra no-grad
     #: forward GEMM over the completion tokens). False skips that pass and logs NaN for them.
@@ -140,11 +142,28 @@ class PrefoptDPOMixin:
         return use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
 
     def _prefopt_sequence_logps(self, per_token, label_mask):
-        """Per-sequence sums of the completion log-probs; LD-DPO weights the tail past the shared length."""
+        """Per-sequence sums of the completion log-probs, in float64; LD-DPO weights the tail past the shared length.
+
+        float64 as in prefopt's fused loss (README "Dtypes"): the loss reads policy - reference differences of a few
+        nats from sums of 1e5-1e6 nats, which float32 spaces up to 0.125 apart at 131072 tokens. The precomputed
+        reference sums are stored (and collated, `_float64_reference_collator`) in float64 for the same reason."""
+        per_token = per_token.double()
         if self.ld_alpha is None:
             return prefopt.sequence_logps(per_token, label_mask)
         weights = ld_dpo_token_weights(label_mask, label_mask.shape[0] // 2, self.ld_alpha)
-        return prefopt.sequence_logps(per_token, weights)
+        return prefopt.sequence_logps(per_token, weights.double())
+
+    def _prefopt_chosen_nll(self, per_token, label_mask, n_pairs):
+        """The NLL term (sft / RPO): the mean token NLL over the chosen completions."""
+        chosen_mask = label_mask[:n_pairs]
+        return -(per_token[:n_pairs] * chosen_mask).sum() / chosen_mask.sum().clamp(min=1)
+
+    def _prefopt_wpo_weights(self, per_token, log_sum_p2, label_mask, n_pairs):
+        return wpo_pair_weights(per_token, log_sum_p2, label_mask, n_pairs)
+
+    def _prefopt_token_count(self, inputs):
+        """This process's share of TRL's `num_tokens` metric (summed over processes)."""
+        return inputs["attention_mask"].sum()
 
     def _prefopt_forward(self, model, inputs, **request):
         request["completion_mask"] = inputs["completion_mask"]
@@ -206,11 +225,10 @@ class PrefoptDPOMixin:
         rpo_alpha = getattr(self.args, "rpo_alpha", None)
         chosen_nll = None
         if "sft" in loss_types or rpo_alpha is not None:
-            chosen_mask = label_mask[:n_pairs]
-            chosen_nll = -(per_token[:n_pairs] * chosen_mask).sum() / chosen_mask.sum().clamp(min=1)
+            chosen_nll = self._prefopt_chosen_nll(per_token, label_mask, n_pairs)
         policy_weights = None
         if self.use_weighting:  # WPO (Eq. 2): per-pair product of exp(mean aligned token logp), no grad
-            policy_weights = wpo_pair_weights(per_token, out.log_sum_sq_probs, label_mask, n_pairs)
+            policy_weights = self._prefopt_wpo_weights(per_token, out.log_sum_sq_probs, label_mask, n_pairs)
         common = dict(beta=self.beta, f_divergence_type=self.f_divergence_type,
                       f_alpha_divergence_coef=self.f_alpha_divergence_coef,
                       discopop_tau=getattr(self.args, "discopop_tau", 0.05), chosen_lengths=chosen_lengths,
@@ -227,6 +245,7 @@ class PrefoptDPOMixin:
                 loss_weights=group_weights, label_smoothing=label_smoothing, chosen_nll=group_nll,
                 rpo_alpha=group_rpo, **common)
             loss = loss + group_loss
+        loss = loss.to(per_token.dtype)  # computed from the float64 sums, rounded once (as prefopt's fused loss)
         if aux_loss_enabled:  # MoE load balancing, weighted and logged as TRL does
             loss = loss + self.router_aux_loss_coef * out.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(out.aux_loss).mean().item())
@@ -251,7 +270,7 @@ class PrefoptDPOMixin:
         total_tokens = acc.gather_for_metrics(mask.sum()).sum()
         metrics["entropy"].append((entropy_sum / total_tokens).item() if total_tokens > 0 else 0.0)
         if mode == "train":
-            num_tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            num_tokens = acc.gather_for_metrics(self._prefopt_token_count(inputs)).sum().item()
             self._total_train_tokens += num_tokens // getattr(self, "_tp_size", 1)
         metrics["num_tokens"] = [self._total_train_tokens]
 
@@ -300,6 +319,36 @@ def _trl_label_smoothing_groups(loss_types, loss_weights, label_smoothing):
     if rest:
         groups.append(([t for t, _ in rest], [w for _, w in rest], label_smoothing))
     return groups
+
+
+class _Float64References:
+    """A data collator whose `ref_chosen_logps` / `ref_rejected_logps` keep the float64 the precompute pass stored
+    (TRL's collator builds them with `torch.tensor(list_of_floats)`, i.e. float32)."""
+
+    _KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        if examples and isinstance(examples[0], dict):
+            for key in self._KEYS:
+                if key in examples[0] and key in batch:
+                    batch[key] = torch.tensor([float(e[key]) for e in examples], dtype=torch.float64)
+        return batch
+
+    def __getattr__(self, name):  # the wrapped collator's attributes (pad_token_id, ...)
+        collator = self.__dict__.get("collator")
+        if collator is None:  # unpickling: no attributes yet
+            raise AttributeError(name)
+        return getattr(collator, name)
+
+
+def _float64_reference_collator(collator):
+    if collator is None or isinstance(collator, _Float64References):
+        return collator
+    return _Float64References(collator)
 
 
 class PrefoptDPOTrainer(PrefoptDPOMixin, DPOTrainer):
@@ -359,5 +408,6 @@ def patch_dpo_trainer(trainer, *, logits_metrics=True):
         if cls not in _PATCHED_CLASSES:
             _PATCHED_CLASSES[cls] = type(f"Prefopt{cls.__name__}", (PrefoptDPOMixin, cls), {})
         trainer.__class__ = _PATCHED_CLASSES[cls]
+    trainer.data_collator = _float64_reference_collator(trainer.data_collator)
     trainer.prefopt_logits_metrics = bool(logits_metrics)
     return trainer

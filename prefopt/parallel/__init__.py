@@ -10,11 +10,16 @@ kernel launches, in the forward and in the backward.
 - vocab.py        the merge of per-shard (lse, target log-prob, entropy, log sum p^2) and the vocabulary-parallel
                   autograd Function of the fused linear head
 - sequence.py     per-sequence sums whose tokens are spread over a group
+- context.py      context parallelism: which tokens of a batch each rank of a group holds (`SequenceSplit`)
+- attention.py    causal attention of a rank's queries over the group's keys and values (`context_attention`)
 """
+from prefopt.parallel.attention import context_attention
 from prefopt.parallel.collectives import destroy_process_group
+from prefopt.parallel.context import SequenceSplit, split_batch, split_packed, split_padded
 from prefopt.parallel.layout import VocabShard, check_group, settle_vocab_shard
 from prefopt.parallel.sequence import sequence_parallel_sums
 from prefopt.parallel.vocab import VocabParallelLinearLogprobsFunction, merge_vocab_shards
 
 __all__ = ["destroy_process_group", "VocabShard", "check_group", "settle_vocab_shard", "sequence_parallel_sums",
-           "VocabParallelLinearLogprobsFunction", "merge_vocab_shards"]
+           "VocabParallelLinearLogprobsFunction", "merge_vocab_shards", "context_attention", "SequenceSplit",
+           "split_batch", "split_packed", "split_padded"]

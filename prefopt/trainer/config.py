@@ -94,6 +94,10 @@ class TrainConfig:
     """Pack sequences into one row with position_ids / cu_seqlens instead of padding."""
     skip_bad_rows: bool = False
     """Skip (and count) dataset rows that are malformed or have an empty text, instead of stopping at the first."""
+    long_context: Optional[int] = None
+    """Long-sequence preset: N tokens per sequence, padding-free, gradient checkpointing, one pair per step, a Llama
+    with vocabulary 128256 from a config, generated pairs unless --dataset is given (docs/trainer.md "Long
+    sequences"); a config file and flags override its settings."""
 
     # ---- optimisation ----------------------------------------------------------------------------------
     learning_rate: float = 3e-3
@@ -129,6 +133,12 @@ class TrainConfig:
     fsdp: bool = False
     """Shard the model with FSDP2 (fully_shard per decoder layer + root) across the torchrun processes instead of
     DistributedDataParallel; checkpoints are sharded (torch.distributed.checkpoint). See docs/trainer.md."""
+    context_parallel: int = 1
+    """Split every sequence's tokens over this many ranks (groups of consecutive torchrun ranks read the same rows;
+    the world is data-parallel replicas x this); combinable with --fsdp. See docs/trainer.md "Context parallelism"."""
+    context_parallel_balanced: bool = False
+    """With context_parallel: give each rank a head and a tail part of every sequence instead of one contiguous part,
+    so the causal attention's work is the same on every rank (not with ld_alpha)."""
     precompute_ref_log_probs: bool = False
     """Compute the reference log-probs once before training, cache them in the run directory and free the reference
     model."""
@@ -194,6 +204,11 @@ class TrainConfig:
             bad("--resume latest needs --output_dir (the run directory holding checkpoint-N folders)")
         if self.resume is not None and self.overwrite:
             bad("--resume and --overwrite exclude each other (continue the run, or start it over)")
+        if self.context_parallel_balanced and self.ld_alpha is not None:
+            bad("context_parallel_balanced cannot be combined with ld_alpha: LD-DPO counts completion tokens in rank "
+                "order, which only the contiguous layout keeps")
+        if self.context_parallel_balanced and self.context_parallel == 1:
+            bad("context_parallel_balanced needs context_parallel > 1")
         if not isinstance(self.model_config, dict):
             bad(f"model_config must be a mapping, got {type(self.model_config).__name__}")
 
@@ -214,6 +229,8 @@ class TrainConfig:
         "seed": (0, 2 ** 32 - 1, True, True), "max_steps": (None, None, True, True),
         "max_length": (2, None, True, True), "max_prompt_length": (1, None, True, True),
         "router_aux_loss_coef": (None, None, True, True),
+        "long_context": (16, None, True, True),
+        "context_parallel": (1, None, True, True),
     }
 
     def _check_numbers(self, types):
@@ -254,6 +271,9 @@ class TrainConfig:
         if unknown:
             raise PrefoptInputError(f"{source}: unknown setting(s) {', '.join(unknown)}; valid settings: "
                                     f"{', '.join(sorted(known))}")
+        if data.get("long_context") is not None:  # the preset's settings, below the file's and the flags'
+            from prefopt.trainer.long_context import preset_settings
+            data = {**preset_settings(_coerce("long_context", data["long_context"], source)), **data}
         return cls(**{k: _coerce(k, v, source) for k, v in data.items()})
 
     @classmethod
@@ -421,8 +441,10 @@ def _field_docs():
 
 
 # Settings that may differ between a run and its --resume (they do not change the computation).
+# context_parallel: how the global batch's tokens are split over ranks, as the process count is (the global batch is
+# checked on resume).
 RESUME_FREE = ("output_dir", "resume", "overwrite", "logging_steps", "save_steps", "save_total_limit", "disable_tqdm",
-               "device", "backend")
+               "device", "backend", "context_parallel", "context_parallel_balanced")
 
 
 def resume_mismatch(saved: dict, current: "TrainConfig") -> list:

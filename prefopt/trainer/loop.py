@@ -12,7 +12,9 @@ and the data position after step s is s itself (what --resume restores).
 Multi-process (torchrun / WORLD_SIZE > 1): gloo on CPU, nccl on CUDA. The policy runs inside
 DistributedDataParallel (gradients averaged across ranks on the last micro-batch of a step, no_sync before it);
 metrics are averaged across ranks. With --fsdp the policy (and a frozen-copy reference) is sharded with FSDP2
-instead (`prefopt.trainer.fsdp`): every pass that touches the model runs inside the FSDP root's forward.
+instead (`prefopt.trainer.fsdp`): every pass that touches the model runs inside the FSDP root's forward. With
+--context_parallel N the ranks form groups of N that read the same rows and split every sequence's tokens
+(`prefopt.trainer.context_parallel`); the data order above is then over the world / N data-parallel replicas.
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer.config import NonFiniteError, PrefoptInputError, TrainConfig, as_jsonable, resume_mismatch
 from prefopt.trainer.data import (DEFAULT_DATASET, DEFAULT_TOKENIZER, IGNORE_INDEX, collate, epoch_order,
                                   load_dataset, load_tokenizer)
-from prefopt.trainer.model import (PrecomputedReference, as_adapter, build_model, configure_router_aux_loss,
-                                   data_fingerprint, head_operands, make_reference, state_hash)
+from prefopt.trainer.model import (GivenReference, PrecomputedReference, as_adapter, build_model,
+                                   configure_router_aux_loss, data_fingerprint, head_operands, make_reference,
+                                   state_hash)
 
 REF_FREE = ("simpo", "cpo", "cpo_hinge", "cpo_ipo", "orpo")
 REF_CACHE = "ref_logps.pt"
@@ -109,7 +112,8 @@ def _resolve_device(name):
 class Trainer:
     """Preference training of `model` (an adapter, HF causal LM or protocol module; default: cfg.model)."""
 
-    def __init__(self, cfg: TrainConfig, model=None, tokenizer=None):
+    def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, ref_model=None):
+        """`ref_model` (TRL's `ref_model`): the reference, frozen in place instead of a copy of the initial policy."""
         self.cfg = cfg
         self.device = _resolve_device(cfg.device)
         if self.device.type == "cuda":
@@ -120,18 +124,29 @@ class Trainer:
         self.rank, self.world = self.dist.rank, self.dist.world
         error = None
         try:
-            self._prepare(model, tokenizer)
+            # the data-parallel replicas (all ranks, or one per context-parallel group) read different rows
+            from prefopt.trainer.context_parallel import ContextParallel
+            self.cp = ContextParallel(cfg.context_parallel, self.rank, self.world, cfg.context_parallel_balanced)
+            self.data_rank, self.data_world = self.cp.data_rank, self.cp.data_world
+            self._prepare(model, tokenizer, ref_model)
         except PrefoptInputError as err:
             error = err
         _agree(self.dist, error)
 
     # ---- setup (no files written) ------------------------------------------------------------------------
-    def _prepare(self, model, tokenizer):
+    def _prepare(self, model, tokenizer, ref_model=None):
         cfg = self.cfg
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
-        self.data_path = cfg.dataset or DEFAULT_DATASET
-        self.data = load_dataset(self.data_path, self.tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                 cfg.truncation_mode, skip_bad_rows=cfg.skip_bad_rows)
+        if cfg.long_context and cfg.dataset is None:  # the preset's generated pairs (prefopt/trainer/long_context.py)
+            from prefopt.trainer.long_context import generated_data
+            if tokenizer is None and cfg.tokenizer is not None:
+                tokenizer = load_tokenizer(cfg.tokenizer)
+            global_batch = cfg.per_device_train_batch_size * self.data_world * cfg.gradient_accumulation_steps
+            self.tokenizer, self.data_path, self.data = generated_data(cfg, tokenizer, global_batch)
+        else:
+            self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+            self.data_path = cfg.dataset or DEFAULT_DATASET
+            self.data = load_dataset(self.data_path, self.tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                     cfg.truncation_mode, skip_bad_rows=cfg.skip_bad_rows)
         self.kto = self.data.kind == "unpaired"
         if self.kto and not cfg.is_kto:
             raise PrefoptInputError(f"{self.data_path} holds unpaired rows (prompt/completion/label): use "
@@ -140,12 +155,13 @@ class Trainer:
             raise PrefoptInputError(f"loss_type {cfg.loss_type!r} needs unpaired rows (prompt/completion/label) "
                                     f"but {self.data_path} holds paired rows (prompt/chosen/rejected)")
         self.ref_free = any(t in REF_FREE for t in cfg.loss_types)
-        self.global_batch = cfg.per_device_train_batch_size * self.world * cfg.gradient_accumulation_steps
+        self.global_batch = cfg.per_device_train_batch_size * self.data_world * cfg.gradient_accumulation_steps
         self.steps_per_epoch = len(self.data) // self.global_batch
         if self.steps_per_epoch == 0:
+            replicas = f"{self.data_world} data-parallel replicas" if self.cp.on else f"{self.world} processes"
             raise PrefoptInputError(
                 f"{self.data_path} has {len(self.data)} rows but one optimizer step needs {self.global_batch} "
-                f"(per_device_train_batch_size {cfg.per_device_train_batch_size} x {self.world} processes x "
+                f"(per_device_train_batch_size {cfg.per_device_train_batch_size} x {replicas} x "
                 f"gradient_accumulation_steps {cfg.gradient_accumulation_steps})")
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else \
             max(1, int(math.ceil(cfg.num_train_epochs * self.steps_per_epoch)))
@@ -154,6 +170,8 @@ class Trainer:
         # the model (deterministic for the seed), its reference and the optimizer
         self.adapter = as_adapter(model) if model is not None else build_model(cfg, self.tokenizer.vocab_size)
         self.module = self.adapter.module.to(self.device)
+        from prefopt.trainer.context_parallel import check_model
+        check_model(self.adapter, self.cp.size)  # before the reference copy: it inherits the split attention
         weight, _ = self.adapter.output_head()
         self.router_aux_coef = configure_router_aux_loss(self.adapter, cfg.router_aux_loss_coef)
         if weight.shape[0] < self.tokenizer.vocab_size:
@@ -161,10 +179,15 @@ class Trainer:
                                     f"head only {weight.shape[0]}")
         self.reference = None
         self.ref_hash = None
+        if ref_model is not None and (self.ref_free or cfg.reference_free):
+            raise PrefoptInputError(f"a ref_model was given but loss {cfg.loss_type!r}"
+                                    f"{' with reference_free' if cfg.reference_free else ''} uses no reference")
         if not self.ref_free and not cfg.reference_free:
+            self.reference = make_reference(self.adapter) if ref_model is None else \
+                GivenReference(ref_model, self.device)
+            check_model(self.reference.adapter, self.cp.size)
             if cfg.precompute_ref_log_probs:
-                self.ref_hash = state_hash(self.module)
-            self.reference = make_reference(self.adapter)
+                self.ref_hash = state_hash(self.module if ref_model is None else self.reference.adapter.module)
         if cfg.gradient_checkpointing:
             self.adapter.gradient_checkpointing_enable()
         self.fsdp = self.ref_fsdp = None
@@ -249,7 +272,7 @@ class Trainer:
     def _batch(self, indices, examples=None):
         rows = [self.data.examples[i] for i in indices] if examples is None else examples
         batch = collate(rows, self.data.kind, self.tokenizer.pad_id, self.cfg.padding_free)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return self.cp.shard({k: v.to(self.device) for k, v in batch.items()})
 
     def _policy(self, fn, *args):
         """Run a policy pass: inside the FSDP root's forward under --fsdp (its hooks gather the parameters)."""
@@ -278,11 +301,14 @@ class Trainer:
         cu = batch.get("cu_seqlens")
         if cu is None:
             cu = torch.arange(labels.shape[0] + 1, device=flat.device, dtype=torch.long) * labels.shape[1]
-        counts = prefopt.sequence_logps(mask.float(), cu_seqlens=cu)
+        group = self.cp.group  # context parallel: sums over the group's slices of every sequence
+        counts = prefopt.sequence_logps(mask.float(), cu_seqlens=cu, group=group)
         weights = mask.float()
         if cfg.ld_alpha is not None and not self.kto:  # LD-DPO: the same token weights as the fused loss
-            weights = ld_dpo_token_weights(weights, (cu.numel() - 1) // 2, cfg.ld_alpha, cu)
-        seq = prefopt.sequence_logps(flat, weights, cu_seqlens=cu)
+            weights = ld_dpo_token_weights(weights, (cu.numel() - 1) // 2, cfg.ld_alpha, cu, group)
+        # float64 sums, as the fused loss forms the policy's: a float32 sum of 1e5-1e6 nats is spaced up to 0.125 at
+        # 131072 tokens, coarser than the log-ratios the loss reads from it (docs/trainer.md "Long sequences")
+        seq = prefopt.sequence_logps(flat.double(), weights.double(), cu_seqlens=cu, group=group)
         return seq, counts, aux
 
     def _reference_logps(self, batch):
@@ -311,7 +337,7 @@ class Trainer:
         if self.reference is None:
             return None, None
         if self.ref_table is not None:
-            vals = self.ref_table.lookup(indices).to(self.device, torch.float32)
+            vals = self.ref_table.lookup(indices).to(self.device, torch.float64)
             if self.kto:
                 return vals[:, 0], vals[:, 1]
             return torch.cat([vals[:, 0], vals[:, 1]]), None
@@ -336,7 +362,7 @@ class Trainer:
             return table, True
         n, bs = len(self.data), 4 * self.cfg.per_device_train_batch_size  # no grad: bigger batches
         values = torch.zeros(n, 2, dtype=torch.float64)
-        mine = list(range(self.rank, n, self.world))
+        mine = list(range(self.data_rank, n, self.data_world))
         for start in range(0, len(mine), bs):
             idx = mine[start:start + bs]
             batch = self._batch(idx)
@@ -346,6 +372,8 @@ class Trainer:
                 values[idx, 0], values[idx, 1] = live, kl
             else:
                 values[idx, 0], values[idx, 1] = live[:len(idx)], live[len(idx):]
+        if self.cp.rank_in_group:  # every rank of a context-parallel group holds the same sums: count them once
+            values.zero_()
         values = self.dist.all_reduce_(values.to(self.device)).cpu()
         table = PrecomputedReference(values)
         if self.rank == 0:
@@ -370,11 +398,13 @@ class Trainer:
             if kl_ref is None:
                 kl_ref = torch.zeros_like(kl_pol)
             labels = batch["kto_labels"]
-            loss, metrics = prefopt.kto_loss(seq.float(), ref.float(), labels, kl_pol.float(), kl_ref.float(),
+            # log-ratios of the float64 sums; the loss is rounded to float32 once, as the fused DPO loss's
+            loss, metrics = prefopt.kto_loss(seq, ref.double(), labels, kl_pol, kl_ref.double(),
                                              beta=cfg.beta, desirable_weight=cfg.desirable_weight,
                                              undesirable_weight=cfg.undesirable_weight, loss_type=cfg.loss_types[0])
-            x = cfg.beta * (seq.detach().float() - ref.float())
-            lp = seq.detach().float()
+            loss = loss.float()
+            x = cfg.beta * (seq.detach() - ref.double())
+            lp = seq.detach()
             n_d, n_u = float(labels.sum()), float((~labels).sum())
             stats["rewards/chosen"] = (float(x[labels].sum()), n_d)
             stats["rewards/rejected"] = (float(x[~labels].sum()), n_u)
@@ -384,7 +414,7 @@ class Trainer:
             return self._add_router_aux(loss, aux, stats, 1.0), stats
         # paired: one fused call from the hidden states (policy head, sequence sums, loss; no logits)
         P = len(indices)
-        refs = {} if ref is None else dict(ref_chosen_logps=ref[:P].float(), ref_rejected_logps=ref[P:].float())
+        refs = {} if ref is None else dict(ref_chosen_logps=ref[:P], ref_rejected_logps=ref[P:])  # float64 sums
         loss, metrics, aux = self._policy(self._paired_loss, batch, refs)
         for k, v in metrics.items():
             stats[k] = (float(v) * P, float(P))
@@ -404,6 +434,7 @@ class Trainer:
         head = head_operands(self.adapter, hidden)
         loss, metrics = prefopt.fused_linear_preference_loss(
             head.hidden, head.weight, batch["labels"], cu_seqlens=batch.get("cu_seqlens"), ignore_index=IGNORE_INDEX,
+            sequence_parallel_group=self.cp.group,
             temperature=cfg.temperature, softcap=self.adapter.softcap, logit_scale=self.adapter.logit_scale,
             loss_type=cfg.loss_types if len(cfg.loss_types) > 1 else cfg.loss_types[0], beta=cfg.beta,
             ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, rpo_alpha=cfg.rpo_alpha,
@@ -420,8 +451,8 @@ class Trainer:
         B = self.cfg.per_device_train_batch_size
         micro = []
         for k in range(self.cfg.gradient_accumulation_steps):
-            chunk = rows[k * B * self.world:(k + 1) * B * self.world]
-            micro.append(chunk[self.rank * B:(self.rank + 1) * B])
+            chunk = rows[k * B * self.data_world:(k + 1) * B * self.data_world]
+            micro.append(chunk[self.data_rank * B:(self.data_rank + 1) * B])
         return micro
 
     def _log(self, record):
@@ -534,7 +565,9 @@ class Trainer:
                 note += f" ({len(self.data.skipped)} bad rows skipped, first: {self.data.skipped[0]})"
             print(f"prefopt train: {len(self.data)} {'unpaired' if self.kto else 'paired'} rows from "
                   f"{self.data_path}{note}; {self.total_steps} steps x {self.global_batch} rows; "
-                  f"loss {cfg.loss_type}; world {self.world}; run dir {self.run_dir}"
+                  f"loss {cfg.loss_type}; world {self.world}"
+                  + (f" (context parallel {self.cp.size} x data parallel {self.data_world})" if self.cp.on else "")
+                  + f"; run dir {self.run_dir}"
                   + (f"; resuming at step {start_step}" if start_step else "")
                   + ("; reference logps from cache" if cached else ""), flush=True)
             # a bar redrawn with \r turns a log file into one interleaved line: plain step lines there
@@ -543,6 +576,10 @@ class Trainer:
                 bar = tqdm(total=self.total_steps, initial=start_step, desc="train", dynamic_ncols=True)
         t0 = time.time()
         interrupted = False
+        meter = None
+        if cfg.long_context:  # progress of a long-sequence run: seconds and peak memory on every step line
+            from prefopt.trainer.long_context import StepMeter
+            meter = StepMeter()
         for step in range(start_step, self.total_steps):
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.zero_grad(set_to_none=True)
@@ -556,7 +593,8 @@ class Trainer:
                     self.fsdp.set_requires_gradient_sync(last)
                 with (self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()):
                     loss, stats = self._micro_loss(indices)
-                    (loss / cfg.gradient_accumulation_steps).backward()
+                    # context parallel: the group's partial gradients must add up under the world average
+                    (loss * (self.cp.gradient_scale / cfg.gradient_accumulation_steps)).backward()
                 loss_sum += float(loss.detach())
                 for k, (s, c) in stats.items():
                     a, b = sums.get(k, (0.0, 0.0))
@@ -575,6 +613,8 @@ class Trainer:
                 self._stop_non_finite(step + 1, record)  # the same values on every rank: all stop
             self.optimizer.step()
             self.scheduler.step()
+            if meter is not None:
+                record.update(meter.record())
             window.append(record)
             if (step + 1) % cfg.logging_steps == 0 or step + 1 == self.total_steps:
                 logged = _average(window)
@@ -683,7 +723,7 @@ def _average(records):
     keys = [k for k in records[-1] if k not in ("step", "epoch")]
     for k in keys:
         vals = [r[k] for r in records if k in r]
-        out[k] = sum(vals) / len(vals)
+        out[k] = max(vals) if k == "peak_rss_mib" else sum(vals) / len(vals)
     out["learning_rate"] = records[-1]["learning_rate"]
     return out
 
@@ -709,6 +749,8 @@ def _fmt(rec):
             parts.append(f"{k.split('/')[-1] if k != 'grad_norm' else k} {rec[k]:+.4f}"
                          if k != "rewards/accuracies" else f"acc {rec[k]:.3f}")
     parts.append(f"lr {rec['learning_rate']:.2e}")
+    if "peak_rss_mib" in rec:  # --long_context runs
+        parts.append(f"{rec['step_seconds']:.1f} s/step | peak RSS {rec['peak_rss_mib']:.0f} MiB")
     return " | ".join(parts)
 
 
@@ -722,9 +764,12 @@ def _summary_text(summary):
             if k in first and k in last:
                 lines.append(f"  {k:<20} first log (step {first['step']}) {first[k]:+.4f}  ->  "
                              f"last log (step {last['step']}) {last[k]:+.4f}")
+        if "peak_rss_mib" in last:
+            lines.append(f"  {'peak RSS':<20} {max(h['peak_rss_mib'] for h in hist):.0f} MiB (the process's, "
+                         "VmHWM)")
     return "\n".join(lines)
 
 
-def train(cfg: TrainConfig = None, model=None, tokenizer=None) -> dict:
+def train(cfg: TrainConfig = None, model=None, tokenizer=None, ref_model=None) -> dict:
     """Build a Trainer for `cfg` (default: the embedded demo) and train. Returns the summary."""
-    return Trainer(cfg or TrainConfig(), model=model, tokenizer=tokenizer).train()
+    return Trainer(cfg or TrainConfig(), model=model, tokenizer=tokenizer, ref_model=ref_model).train()

@@ -144,7 +144,9 @@ class ModuleAdapter:
 
 
 def _backbone_inputs(batch):
-    return {k: v for k, v in batch.items() if k not in _NOT_BACKBONE_INPUTS}
+    """The batch's backbone keywords: image inputs, and a context-parallel share's split (the attention gathers
+    the group's keys and values); a share without a split (None) passes none."""
+    return {k: v for k, v in batch.items() if k not in _NOT_BACKBONE_INPUTS and v is not None}
 
 
 def head_operands(adapter, hidden):
@@ -258,6 +260,24 @@ class PeftReference:
         return self.adapter.module.disable_adapter()
 
 
+class GivenReference:
+    """A reference model the caller gave (TRL's `ref_model`): frozen in place (eval mode, no grad), not copied.
+    The trainer treats it as it treats the frozen copy (its own module: sharded under FSDP, freed after a
+    precompute)."""
+    kind = "copy"
+
+    def __init__(self, model, device):
+        adapter = as_adapter(model)
+        adapter.module.to(device)
+        adapter.module.eval()
+        for p in adapter.module.parameters():
+            p.requires_grad_(False)
+        self.adapter = adapter
+
+    def context(self):
+        return contextlib.nullcontext()
+
+
 def make_reference(adapter):
     if adapter.is_peft():
         return PeftReference(adapter)
@@ -270,6 +290,7 @@ def data_fingerprint(cfg, examples, model_state_hash: str) -> str:
     h.update(json.dumps(examples, sort_keys=True).encode())
     h.update(model_state_hash.encode())
     h.update(json.dumps([cfg.temperature, cfg.ld_alpha, cfg.loss_types], default=str).encode())
+    h.update(b"sums: float64")  # caches of float32-rounded sums (before this marker) are recomputed
     return h.hexdigest()
 
 

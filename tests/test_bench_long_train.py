@@ -1,0 +1,30 @@
+"""`python -m bench --long-train` (bench/long_train.py) at a small length: the children run, agree with the float64
+truth, and an eager head that cannot fit under the cap is reported as out of memory."""
+import json
+
+import pytest
+
+pytest.importorskip("trl")
+
+from bench.__main__ import main  # noqa: E402
+from bench.long_train import _run_child  # noqa: E402
+
+
+@pytest.mark.slow  # three child processes, each importing torch + transformers + TRL and building a V=128256 model
+def test_long_train_small_length_and_out_of_memory(tmp_path):
+    rc = main(["--long-train", "--lengths", "256", "--impls", "prefopt", "trl-eager", "--threads", "1", "--out",
+               str(tmp_path), "--no-plots"])
+    records = json.loads((tmp_path / "long_train.json").read_text())["records"]
+    by = {r["impl"]: r for r in records}
+    assert rc == 0 and set(by) == {"truth", "prefopt", "trl-eager"}
+    assert all(r["status"] == "ok" for r in records), records
+    # float32 steps against the float64 forward: the loss is ~0.7 and the margin ~0.03 here; 1e-4 relative is 30x
+    # the float32 rounding a 256-token sum carries (measured ~3e-6 / ~3e-5), and far below any real disagreement
+    assert by["prefopt"]["loss_rel_err"] < 1e-4 and by["prefopt"]["margins_rel_err"] < 1e-4
+    assert by["trl-eager"]["loss_rel_err"] < 1e-3
+    assert by["prefopt"]["peak_mib"] > by["prefopt"]["start_mib"] > 0 and by["prefopt"]["step_s"] > 0
+    table = (tmp_path / "long_train.md").read_text()
+    assert "| 256 | prefopt trainer" in table and "float64 truth" in table
+    # eager logits of a 2048-token pair: [2, 2047, 128256] float32 = 2 GiB, plus their log_softmax, under 4 GiB
+    oom = _run_child(dict(T=2048, threads=1, cap_gb=4.0, impl="trl-eager"), str(tmp_path), 600)
+    assert oom["status"] == "oom", oom
