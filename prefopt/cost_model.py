@@ -74,9 +74,10 @@ EAGER_HOST = Host(5e-6, 20e-6, "assumed: 5 us per eager op, 20 us of device idle
 FORWARD_OPS_PER_TILE = 15
 FORWARD_OPS_PER_TILE_ENTROPY = 27
 BACKWARD_OPS_PER_TILE = 40
-# ...and what filtering adds to a backward tile, net (the test, the skipped count, the layout choice; counted the
-# same way by tests/test_filter_cost.py: 4 when nothing is skipped, 8 when blocks are, their GEMMs' ops included)
-FILTER_OPS_PER_TILE = 8
+# ...and what filtering adds to a backward tile, net (the test, the skipped count, the layout choice, less the GEMM
+# ops of skipped tiles; counted the same way by tests/test_filter_cost.py: 4 when nothing is skipped, 8-12 when blocks
+# are)
+FILTER_OPS_PER_TILE = 10
 
 # A copied element (a gathered tile or weight entry, an index_add-ed gradient entry) in multiply-adds of a GEMM, for
 # the tiled head's choice between a filtered tile's whole GEMMs and its gathered kept blocks (chunked.py
@@ -86,6 +87,9 @@ FILTER_OPS_PER_TILE = 8
 # towards the whole tile, whose cost is the exact backward's). CUDA: an fp32 element read and written (8 bytes) at
 # HBM bandwidth in tensor-core multiply-adds of the roofline below (~1.2k on an H100: not measured).
 CPU_COPY_MACS = 64
+# The same choice runs a row block's kept blocks as GEMMs of FILTER_ROWS (64) rows: per multiply-add they took 1.0-1.55x
+# the time of the tile's 512-row GEMMs there (both products, H=256 and 1024), so they are charged 1.25x.
+ROW_BLOCK_GEMM = 1.25
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import torch
 # from here for callers that size a cache themselves (`tile_cache`).
 from prefopt._options import CACHE_ENV, DEFAULT_CPU_CACHE_MB  # noqa: F401
 from prefopt._types import RowStats
-from prefopt.cost_model import filter_copy_macs
+from prefopt.cost_model import ROW_BLOCK_GEMM, filter_copy_macs
 from prefopt._validation import cache_budget_bytes
 from prefopt.cpu import rowops_torch
 from prefopt.cpu.rowops_torch import mixture_entropy, transform_with_slope
@@ -162,26 +162,28 @@ def _filtered_groups(kept, n_rows, n_cols, hidden_size, products, sorted_):
     The whole tile is always a candidate, so a filtered backward costs at most its filter test and the zeroing more
     than the exact one. -> ([(tile rows, column blocks | None for all)], bool blocks to zero | None)."""
     row_blocks, col_blocks = kept.shape
-    width = torch.full((col_blocks,), FILTER_COLS, dtype=torch.float64)
+    kept = kept.cpu()
+    width = torch.full((col_blocks,), FILTER_COLS, dtype=torch.float64, device="cpu")
     width[-1] = n_cols - (col_blocks - 1) * FILTER_COLS
     row_sizes = [min(FILTER_ROWS, n_rows - i * FILTER_ROWS) for i in range(row_blocks)]
     copy = filter_copy_macs(kept.device.type, torch.get_num_threads())
     gemm = products * hidden_size  # multiply-adds of one row x column of the gradient products
     index_rows = copy * 3 * hidden_size  # a gathered weight row, and its gradient row index_add-ed back
 
-    def cost(rows, blocks, cols):
-        """GEMMs of `rows` rows over the `cols` columns of `blocks`, with their copies"""
+    def cost(rows, blocks, cols, short=1.0):
+        """GEMMs of `rows` rows over the `cols` columns of `blocks` (x `short` for a row block's short GEMMs), with
+        their copies"""
         one_range = blocks.numel() == 0 or int(blocks[-1] - blocks[0]) + 1 == blocks.numel()
         copies = (0 if one_range else copy * rows) + (index_rows if sorted_ or not one_range else 0)
-        return cols * (gemm * rows + copies)
+        return cols * (short * gemm * rows + copies)
 
     whole = n_cols * (gemm * n_rows + (copy * 2 * hidden_size if sorted_ else 0))
     any_kept = kept.any(0)
     blocks = any_kept.nonzero().squeeze(1)
     columns = cost(n_rows, blocks, float(width[any_kept].sum()))
     per_block = [kept[i].nonzero().squeeze(1) for i in range(row_blocks)]
-    by_row_block = sum(cost(row_sizes[i], b, float(width[kept[i]].sum())) for i, b in enumerate(per_block)
-                       if b.numel())
+    by_row_block = sum(cost(row_sizes[i], b, float(width[kept[i]].sum()), ROW_BLOCK_GEMM)
+                       for i, b in enumerate(per_block) if b.numel())
     best = min(whole, columns, by_row_block)
     if best == whole:
         return [(slice(None), None)], ~kept
@@ -192,9 +194,9 @@ def _filtered_groups(kept, n_rows, n_cols, hidden_size, products, sorted_):
             if b.numel()], None
 
 
-def _block_columns(blocks, n_cols, device):
+def _block_columns(blocks, n_cols):
     """int64 columns of a tile that lie in the given column blocks (the ragged last block holds fewer)."""
-    columns = (blocks[:, None] * FILTER_COLS + torch.arange(FILTER_COLS, device=device)).flatten()
+    columns = (blocks[:, None] * FILTER_COLS + torch.arange(FILTER_COLS, device=blocks.device)).flatten()
     return columns[columns < n_cols]
 
 
@@ -344,7 +346,8 @@ class ChunkedHead:
                     tile[foreign, local[foreign]] -= onehot
                 groups = [(slice(None), None)]  # (rows of the tile, its column blocks | None for all) per GEMM pair
                 if threshold is not None:
-                    kept = self.kept_blocks(tile, threshold[rows], FILTER_ROWS, FILTER_COLS)
+                    # the layout is decided on the host: one copy of a small mask (a no-op for CPU tiles)
+                    kept = self.kept_blocks(tile, threshold[rows], FILTER_ROWS, FILTER_COLS).cpu()
                     skipped = kept.numel() - int(kept.sum())
                     skipped_blocks += skipped
                     total_blocks += kept.numel()
@@ -367,8 +370,9 @@ class ChunkedHead:
                             c0, c1 = int(blocks[0]) * FILTER_COLS, min(v1 - v0, (int(blocks[-1]) + 1) * FILTER_COLS)
                             part, columns = sub[:, c0:c1], slice(c0, c1)
                         else:
+                            blocks = blocks.to(tile.device)
                             part = _gather_column_blocks(sub, blocks)
-                            columns = _block_columns(blocks, v1 - v0, tile.device)
+                            columns = _block_columns(blocks, v1 - v0)
                         if vocab_order is None:
                             where = (slice(v0 + columns.start, v0 + columns.stop) if isinstance(columns, slice)
                                      else columns + v0)

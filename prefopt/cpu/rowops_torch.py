@@ -164,11 +164,13 @@ def zero_blocks(grad, mask, block_rows, block_cols):
     `kept_blocks`; the C++ twin is csrc/cpu/filter.cpp)."""
     n_rows, n_cols = grad.shape
     full = n_cols // block_cols
+    on_host, on_device = mask.cpu(), mask.to(grad.device)  # decisions on the host, masks beside the tile
     for i, r0 in enumerate(range(0, n_rows, block_rows)):
-        if not bool(mask[i].any()):
+        if not bool(on_host[i].any()):
             continue
         rows = grad[r0:r0 + block_rows]
         if full:
-            rows[:, :full * block_cols].view(rows.shape[0], full, block_cols).masked_fill_(mask[i, :full, None], 0)
-        if full < mask.shape[1] and bool(mask[i, full]):
+            rows[:, :full * block_cols].view(rows.shape[0], full, block_cols).masked_fill_(
+                on_device[i, :full, None], 0)
+        if full < mask.shape[1] and bool(on_host[i, full]):
             rows[:, full * block_cols:] = 0
