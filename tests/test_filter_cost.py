@@ -50,11 +50,31 @@ def test_kept_blocks_cpp_matches_torch_and_the_definition(shape, dtype, density)
             assert torch.equal(rowops_cpp.kept_blocks(grad, threshold, br, bc), want)
 
 
+@pytest.mark.parametrize("shape", [(90, 500), (130, 1000), (64, 2048)], ids=str)
+def test_kept_blocks_zeroes_the_skipped_blocks(shape):
+    """zero_skipped=True: the same mask, and every block it does not keep set to 0 (the kept ones untouched)."""
+    grad, threshold = _tile(*shape, 0.5, torch.float32, seed=3)
+    threshold.clamp_(min=1e-3)
+    grad[:, FC:3 * FC] *= 1e-9                     # two columns of negligible blocks
+    grad[(shape[0] - 1) // FR * FR:, -FC:] = 0     # and the last row block's last block
+    want = grad.clone()
+    kept = rowops_torch.kept_blocks(want, threshold, FR, FC, zero_skipped=True)
+    assert 0 < int(kept.sum()) < kept.numel()
+    expanded = kept.repeat_interleave(FR, 0)[:shape[0]].repeat_interleave(FC, 1)[:, :shape[1]]
+    assert torch.equal(want[expanded].nan_to_num(), grad[expanded].nan_to_num()) and not want[~expanded].any()
+    if available("cpp"):
+        from prefopt.cpu import rowops_cpp
+        got = grad.clone()
+        assert torch.equal(rowops_cpp.kept_blocks(got, threshold, FR, FC, zero_skipped=True), kept)
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 @pytest.mark.parametrize("shape", [(90, 500), (130, 1000)], ids=str)
 def test_zero_blocks_cpp_matches_torch(shape):
     grad, _ = _tile(*shape, 0.5, torch.float32, seed=1)
     grad = grad.nan_to_num()
-    mask = torch.rand(math.ceil(shape[0] / FR), math.ceil(shape[1] / FC), generator=torch.Generator().manual_seed(2)) < 0.5
+    gen = torch.Generator().manual_seed(2)
+    mask = torch.rand(math.ceil(shape[0] / FR), math.ceil(shape[1] / FC), generator=gen) < 0.5
     want = grad.clone()
     rowops_torch.zero_blocks(want, mask, FR, FC)
     expanded = mask.repeat_interleave(FR, 0)[:shape[0]].repeat_interleave(FC, 1)[:, :shape[1]]
@@ -78,24 +98,22 @@ def test_the_layout_follows_the_cost(monkeypatch):
     monkeypatch.setattr(chunked, "filter_copy_macs", lambda *args: 64)
 
     def choose(kept, hidden=1024):
-        groups, zero = chunked._filtered_groups(kept, 256, 4096, hidden, 2, False)
-        return _layout(groups), groups, zero
+        groups = chunked._filtered_groups(kept, 256, 4096, hidden, 2, False)
+        return _layout(groups), groups
 
     kept = torch.ones(4, 32, dtype=torch.bool)
     kept[1, 7] = False  # one skipped block: only the whole tile pays, its block zeroed
-    layout, _, zero = choose(kept)
-    assert layout == "whole" and torch.equal(zero, ~kept)
+    assert choose(kept)[0] == "whole"
     kept = torch.zeros(4, 32, dtype=torch.bool)
     kept[:, :3] = True
     kept[0, 3] = True  # a frequency-ordered head: one range of columns, views, no copy
-    layout, groups, zero = choose(kept)
+    layout, groups = choose(kept)
     assert layout == "columns" and groups[0][1].tolist() == [0, 1, 2, 3]
-    assert torch.equal(zero, ~kept & kept.any(0))  # the skipped blocks inside the range are zeroed
     kept = torch.zeros(4, 32, dtype=torch.bool)
     for i in range(4):
         kept[i, torch.arange(i, 32, 4)] = True  # each row block keeps a quarter, together every column
-    layout, groups, zero = choose(kept)
-    assert layout == "row blocks" and zero is None and len(groups) == 4
+    layout, groups = choose(kept)
+    assert layout == "row blocks" and len(groups) == 4
     assert all(g[0] == slice(64 * i, 64 * i + 64) and g[1].tolist() == list(range(i, 32, 4))
                for i, g in enumerate(groups))
     gen = torch.Generator().manual_seed(0)
@@ -132,9 +150,9 @@ def _spy_layouts(monkeypatch):
     real = chunked._filtered_groups
 
     def spy(*args):
-        groups, zero = real(*args)
+        groups = real(*args)
         seen.append(_layout(groups))
-        return groups, zero
+        return groups
 
     monkeypatch.setattr(chunked, "_filtered_groups", spy)
     return seen

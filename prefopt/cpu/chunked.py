@@ -159,8 +159,8 @@ def _filtered_groups(kept, n_rows, n_cols, hidden_size, products, sorted_):
                    scattered ones are gathered (tile columns, weight rows, the weight gradient's index_add);
       row blocks   each FILTER_ROWS row block over its own kept blocks, gathered: only kept blocks are multiplied,
                    which pays when each row block keeps few blocks but together they touch most columns.
-    The whole tile is always a candidate, so a filtered backward costs at most its filter test and the zeroing more
-    than the exact one. -> ([(tile rows, column blocks | None for all)], bool blocks to zero | None)."""
+    The whole tile is always a candidate, so a filtered backward costs at most its filter test (which zeroes the
+    skipped blocks) more than the exact one. -> [(tile rows, column blocks | None for all)] per GEMM pair."""
     row_blocks, col_blocks = kept.shape
     kept = kept.cpu()
     width = torch.full((col_blocks,), FILTER_COLS, dtype=torch.float64, device="cpu")
@@ -186,12 +186,10 @@ def _filtered_groups(kept, n_rows, n_cols, hidden_size, products, sorted_):
                        for i, b in enumerate(per_block) if b.numel())
     best = min(whole, columns, by_row_block)
     if best == whole:
-        return [(slice(None), None)], ~kept
+        return [(slice(None), None)]
     if best == columns:
-        zero = ~kept & any_kept
-        return ([(slice(None), blocks)] if blocks.numel() else []), (zero if bool(zero.any()) else None)
-    return [(slice(i * FILTER_ROWS, i * FILTER_ROWS + row_sizes[i]), b) for i, b in enumerate(per_block)
-            if b.numel()], None
+        return [(slice(None), blocks)] if blocks.numel() else []
+    return [(slice(i * FILTER_ROWS, i * FILTER_ROWS + row_sizes[i]), b) for i, b in enumerate(per_block) if b.numel()]
 
 
 def _block_columns(blocks, n_cols):
@@ -216,10 +214,9 @@ class ChunkedHead:
 
     def __init__(self, rowops):
         self.rowops = rowops
-        # the filter's test and zeroing: the row-op module's own (C++ for cpp), else the torch twins (the Triton
-        # row ops on CUDA tensors, where torch's elementwise kernels are as good)
+        # the filter's test: the row-op module's own (C++ for cpp), else the torch twin (the Triton row ops on CUDA
+        # tensors, where torch's elementwise kernels are as good)
         self.kept_blocks = getattr(rowops, "kept_blocks", rowops_torch.kept_blocks)
-        self.zero_blocks = getattr(rowops, "zero_blocks", rowops_torch.zero_blocks)
 
     @staticmethod
     def cache_for(budget_bytes: int):
@@ -346,16 +343,15 @@ class ChunkedHead:
                     tile[foreign, local[foreign]] -= onehot
                 groups = [(slice(None), None)]  # (rows of the tile, its column blocks | None for all) per GEMM pair
                 if threshold is not None:
-                    # the layout is decided on the host: one copy of a small mask (a no-op for CPU tiles)
-                    kept = self.kept_blocks(tile, threshold[rows], FILTER_ROWS, FILTER_COLS).cpu()
+                    # skipped blocks are zeroed as they are found (whichever GEMMs run, they add nothing); the
+                    # layout is decided on the host: one copy of a small mask (a no-op for CPU tiles)
+                    kept = self.kept_blocks(tile, threshold[rows], FILTER_ROWS, FILTER_COLS, zero_skipped=True).cpu()
                     skipped = kept.numel() - int(kept.sum())
                     skipped_blocks += skipped
                     total_blocks += kept.numel()
                     if skipped:
-                        groups, zero = _filtered_groups(kept, r1 - r0, v1 - v0, hidden.shape[1],
-                                                        int(need_h) + int(need_w), vocab_order is not None)
-                        if zero is not None:  # skipped blocks the chosen GEMMs read: they must add nothing
-                            self.zero_blocks(tile, zero, FILTER_ROWS, FILTER_COLS)
+                        groups = _filtered_groups(kept, r1 - r0, v1 - v0, hidden.shape[1], int(need_h) + int(need_w),
+                                                  vocab_order is not None)
                 for tile_rows, blocks in groups:
                     # part: the group's gradient columns; where: their vocabulary entries (weight rows), a slice or
                     # int64 indices; w_part: those weight rows

@@ -32,12 +32,12 @@ def row_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_i
                            float(logit_scale), _cap(softcap), float(temperature), out)
 
 
-def kept_blocks(grad, threshold, block_rows, block_cols):
+def kept_blocks(grad, threshold, block_rows, block_cols, zero_skipped=False):
     """rowops_torch.kept_blocks in C++ (csrc/cpu/filter.cpp) for CPU tiles; the torch twin elsewhere (the CUDA
     extension has no filter: the Triton head filters inside its kernel)."""
     if grad.device.type != "cpu":
-        return rowops_torch.kept_blocks(grad, threshold, block_rows, block_cols)
-    return extension_for(grad).kept_blocks(grad, threshold, int(block_rows), int(block_cols))
+        return rowops_torch.kept_blocks(grad, threshold, block_rows, block_cols, zero_skipped)
+    return extension_for(grad).kept_blocks(grad, threshold, int(block_rows), int(block_cols), bool(zero_skipped))
 
 
 def zero_blocks(grad, mask, block_rows, block_cols):

@@ -138,13 +138,14 @@ def row_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_i
     return out
 
 
-def kept_blocks(grad, threshold, block_rows, block_cols):
+def kept_blocks(grad, threshold, block_rows, block_cols, zero_skipped=False):
     """The gradient filter's test on a tile (docs/design.md, "Gradient filtering"): bool [row blocks, column
     blocks] of `grad` [n, V], blocks of block_rows x block_cols aligned at row 0 and column 0, True where a block
     holds an entry that is not negligible, !(|grad| <= threshold of its row) (NaN included); the ragged last blocks
-    hold only the tile's entries. One row block at a time, so the temporaries stay one row block's size (the whole
-    tile's abs and bool copies cost as much as the tile's two gradient GEMMs on a CPU). The C++ twin is
-    csrc/cpu/filter.cpp (tests/test_filtering.py checks them against each other)."""
+    hold only the tile's entries. `zero_skipped`: also set every other block to 0, in place. One row block at a time,
+    so the temporaries stay one row block's size (the whole tile's abs and bool copies cost as much as the tile's two
+    gradient GEMMs on a CPU). The C++ twin is csrc/cpu/filter.cpp (tests/test_filter_cost.py checks them against each
+    other)."""
     n_rows, n_cols = grad.shape
     full = n_cols // block_cols
     kept = torch.empty(-(-n_rows // block_rows), -(-n_cols // block_cols), dtype=torch.bool, device=grad.device)
@@ -156,6 +157,8 @@ def kept_blocks(grad, threshold, block_rows, block_cols):
             kept[i, :full] = small[:, :full * block_cols].view(r1 - r0, full, block_cols).amin(dim=(0, 2)) == 0
         if full < kept.shape[1]:
             kept[i, full] = small[:, full * block_cols:].amin() == 0
+    if zero_skipped:
+        zero_blocks(grad, ~kept, block_rows, block_cols)
     return kept
 
 
