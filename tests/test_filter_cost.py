@@ -116,6 +116,10 @@ def test_the_layout_follows_the_cost(monkeypatch):
     assert layout == "row blocks" and len(groups) == 4
     assert all(g[0] == slice(64 * i, 64 * i + 64) and g[1].tolist() == list(range(i, 32, 4))
                for i, g in enumerate(groups))
+    priced = []
+    monkeypatch.setattr(chunked, "filter_copy_macs", lambda device_type, threads: priced.append(device_type) or 64)
+    chunked._filtered_groups(kept, 256, 4096, 1024, 2, False, "cuda")
+    assert priced == ["cuda"]  # a CUDA tile's copies are priced as the GPU's, whatever device holds the mask
     gen = torch.Generator().manual_seed(0)
     kept = torch.rand(4, 32, generator=gen) < 0.7  # dense and scattered, small H: copies cost more than they save
     assert choose(kept, hidden=16)[0] == "whole"

@@ -13,9 +13,11 @@ use instead of recomputing them: the peak extra memory then grows by at most the
 
 Gradient filtering (`filter_eps`, docs/design.md "Gradient filtering"; the Triton twin is the FILTER branch of
 kernels/linear_logprobs.py, tests/test_filtering.py checks the two against each other): the tile still has to be
-recomputed and turned into its gradient to know which blocks are negligible, but the two GEMMs then run only over
-the vocabulary columns that hold a kept block (gathered when they are not one range); a skipped block among those
-columns is zeroed first, so it contributes nothing, as in the Triton head.
+recomputed and turned into its gradient to know which blocks are negligible; the test (the row ops' `kept_blocks`,
+C++ for cpp) zeroes the skipped blocks as it finds them, so they contribute nothing, as in the Triton head, whatever
+the GEMMs then cover. `_filtered_groups` picks those GEMMs by estimated cost: the whole tile, the columns holding a
+kept block (views or gathered), or each row block's own kept blocks; the whole tile is always a candidate, so a
+filtered backward costs at most its test more than the exact one (tests/test_filter_cost.py, docs/bench.md).
 
 Vocabulary sorting (`vocab_order`, docs/design.md "Vocabulary sorting"; the Triton twin is the SORTED branch of the
 backward kernel, tests/test_vocab_sorting.py): vocabulary block j holds the entries order[v0:v1], its weight rows
@@ -151,7 +153,7 @@ def _slope(raw, logit_scale, softcap, temperature):
     return slope if isinstance(slope, torch.Tensor) else torch.full_like(raw, slope)
 
 
-def _filtered_groups(kept, n_rows, n_cols, hidden_size, products, sorted_):
+def _filtered_groups(kept, n_rows, n_cols, hidden_size, products, sorted_, device_type="cpu"):
     """How a filtered tile's gradient GEMMs run (docs/design.md, "Gradient filtering"), chosen by an estimate of
     their cost in multiply-adds (prefopt/cost_model.py `filter_copy_macs` prices a copied element):
       whole tile   the exact backward's GEMMs, every skipped block zeroed first;
@@ -166,7 +168,7 @@ def _filtered_groups(kept, n_rows, n_cols, hidden_size, products, sorted_):
     width = torch.full((col_blocks,), FILTER_COLS, dtype=torch.float64, device="cpu")
     width[-1] = n_cols - (col_blocks - 1) * FILTER_COLS
     row_sizes = [min(FILTER_ROWS, n_rows - i * FILTER_ROWS) for i in range(row_blocks)]
-    copy = filter_copy_macs(kept.device.type, torch.get_num_threads())
+    copy = filter_copy_macs(device_type, torch.get_num_threads())  # the tile's device, not the mask's
     gemm = products * hidden_size  # multiply-adds of one row x column of the gradient products
     index_rows = copy * 3 * hidden_size  # a gathered weight row, and its gradient row index_add-ed back
 
@@ -351,7 +353,7 @@ class ChunkedHead:
                     total_blocks += kept.numel()
                     if skipped:
                         groups = _filtered_groups(kept, r1 - r0, v1 - v0, hidden.shape[1], int(need_h) + int(need_w),
-                                                  vocab_order is not None)
+                                                  vocab_order is not None, tile.device.type)
                 for tile_rows, blocks in groups:
                     # part: the group's gradient columns; where: their vocabulary entries (weight rows), a slice or
                     # int64 indices; w_part: those weight rows
