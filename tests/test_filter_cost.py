@@ -288,3 +288,25 @@ def test_cost_model_prices_the_filter_test_and_the_sorted_gather():
     assert fused_sorted[1].operand_bytes == fused[1].operand_bytes + (N // 64) * math.ceil(V / 128) * 128 * 8
     assert cost_model.filter_copy_macs("cpu", 2) == 2 * cost_model.CPU_COPY_MACS
     assert 1000 < cost_model.filter_copy_macs("cuda") < 1500  # 8 bytes at 3.35 TB/s in bf16 tensor-core MACs
+
+
+def test_the_sweep_bench_writes_its_table(tmp_path, capsys):
+    """`python -m bench --filtering` at a tiny shape: every point of the chosen laws in both orders, the three ways
+    measured, the JSON and the markdown table written (the figures themselves are docs/bench.md's, from a real run)."""
+    from bench.__main__ import main
+    assert main(["--filtering", "--tokens", "64", "--hidden", "16", "--vocab", "1024", "--repeats", "2",
+                 "--laws", "lm", "zipf", "--out", str(tmp_path)]) == 0
+    import json
+    doc = json.loads((tmp_path / "filtering.json").read_text())
+    assert doc["environment"]["repeats"] == 2 and doc["environment"]["clock"] == "wall"
+    rows = doc["rows"]
+    assert [(r["law"], r["order"]) for r in rows] == [(law, order) for law in ("lm", "zipf", "zipf", "zipf")
+                                                     for order in ("frequency", "scattered")]
+    for r in rows:
+        assert len(r["times"]["exact"]["backward"]) == 2
+        for kind in ("filtered", "sorted"):
+            k = r["kinds"][kind]
+            assert k["total_blocks"] > 0 and 0 <= k["skipped_fraction"] <= 1 and k["backward_ratio"] > 0
+            assert max(e["worst_ratio"] for e in k["errors"].values()) <= 1.0  # within the filter's bound
+    table = (tmp_path / "filtering.md").read_text()
+    assert table.count("\n| ") == 1 + len(rows) and "filtered / exact" in capsys.readouterr().out
