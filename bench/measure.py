@@ -351,29 +351,52 @@ def _importable(module):
         return False
 
 
-def _max_abs_diff(a, b):
-    if a is None or b is None or a.shape != b.shape:
+def _max_abs_diff(a, b, what, mismatches):
+    """Max |a - b|, None where an implementation returns no such output; a shape difference is recorded in
+    `mismatches` (a failure of the implementation, never a silently skipped comparison)."""
+    if a is None or b is None:
+        return None
+    if a.shape != b.shape:
+        mismatches.append(f"{what} has shape {tuple(a.shape)}, eager's {tuple(b.shape)}")
         return None
     return (a - b).abs().max().item() if a.numel() else 0.0
 
 
+def _max_abs(t):
+    return t.abs().max().item() if t is not None and t.numel() else 0.0
+
+
+GRAD_KEYS = ("grad_hidden", "grad_logits", "grad_weight")
+
+
 def agreement(check_paths: dict, baseline: str = "eager"):
-    """Max |diff| of loss, outputs and gradients of every implementation vs `baseline`."""
+    """Max |diff| of loss, outputs and gradients of every implementation vs `baseline` (eager, the materialising
+    reference; no other implementation stands in for it), with the baseline's largest |value| of each ("scale"),
+    and what could not be compared ("mismatch": a shape, or a gradient one side has and the other has not).
+    Returns ({} , None) when the baseline did not run."""
     import torch
     loaded = {name: torch.load(path) for name, path in check_paths.items() if path and os.path.exists(path)}
     if baseline not in loaded:
-        baseline = next(iter(loaded), None)
-    out = {}
-    if baseline is None:
-        return out, None
+        return {}, None
     ref = loaded[baseline]
+    ref_grads = [ref[k] for k in GRAD_KEYS if k in ref]
+    scale = {"loss": _max_abs(ref["loss"]), "out": _max_abs(ref.get("out")),
+             "grad": max((_max_abs(g) for g in ref_grads), default=0.0)}
+    out = {}
     for name, data in loaded.items():
-        diffs = {"loss": _max_abs_diff(data["loss"], ref["loss"]), "loss_value": data["loss"].item()}
-        diffs["out"] = _max_abs_diff(data.get("out"), ref.get("out"))
-        grads = [_max_abs_diff(data.get(k), ref.get(k)) for k in ("grad_hidden", "grad_logits", "grad_weight")
-                 if k in data or k in ref]
+        mismatches = []
+        diffs = {"loss": _max_abs_diff(data["loss"], ref["loss"], "loss", mismatches),
+                 "loss_value": data["loss"].item(), "scale": scale}
+        diffs["out"] = _max_abs_diff(data.get("out"), ref.get("out"), "out", mismatches)
+        grads = []
+        for k in GRAD_KEYS:
+            if (k in data) != (k in ref):
+                mismatches.append(f"{k} is {'missing' if k in ref else 'there'}, eager's {'is' if k in ref else 'not'}")
+            elif k in data:
+                grads.append(_max_abs_diff(data[k], ref[k], k, mismatches))
         grads = [g for g in grads if g is not None]
         diffs["grad"] = max(grads) if grads else None
+        diffs["mismatch"] = mismatches
         out[name] = diffs
     return out, baseline
 
@@ -430,8 +453,13 @@ def run_case(case, *, device="cpu", repeats=3, timeout=600, threads=None, impl_f
                 log(f"  {impl.name:16s} {key}: {res.get('error')}")
     diffs, baseline = agreement(check_paths)
     record["agreement_baseline"] = baseline
+    if baseline is None and check_paths:
+        why = (record.get("failed") or {}).get("eager") or (record.get("skipped") or {}).get("eager") or "not run"
+        record["agreement_skipped"] = f"eager did not run ({why}): nothing was compared"
     for name, d in diffs.items():
         record["impls"][name]["agreement"] = d
+        if d["mismatch"]:
+            record.setdefault("failed", {})[name] = "disagrees with eager: " + "; ".join(d["mismatch"])
     for path in check_paths.values():
         try:
             os.unlink(path)

@@ -78,3 +78,14 @@ class LossOptions:
     cpo_alpha: float | None      # reference-free losses: default resolved (0 for simpo, 1 for the cpo ones)
     bco_running_mean: object     # None, "batch", a float, or a 0-dim tensor (detached when used)
     nll_terms: tuple             # (name, coefficient) pairs that add the chosen NLL to the loss
+
+
+@dataclass(frozen=True)
+class PairLossParams:
+    """What `prefopt/losses/function.py: PreferencePairFunction` takes besides its four log-prob vectors, settled by
+    `prefopt/losses/api.py` (from `LossOptions` or KTO's options) in the compute dtype."""
+
+    spec: object                 # prefopt.losses.table.PairSpec: the loss names and which inputs exist
+    params: object               # the parameter vector of `prefopt.losses.table.make_params` (compute dtype)
+    extras: dict                 # non-differentiable per-pair tensors {"ilc", "ilr", "w", "s"} (None where unused)
+    compute_dtype: object        # torch.float32 or torch.float64

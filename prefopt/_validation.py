@@ -140,9 +140,10 @@ def settle_logprobs(logits, labels, ignore_index, temperature, softcap, logit_sc
 
 def settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size,
                   logits_cache_mb, return_entropy, return_log_sum_p2, *, names=("hidden", "weight", "bias"),
-                  vocab=None, filter_eps=None, vocab_sort=False) -> HeadParams:
+                  vocab=None, filter_eps=None, vocab_sort=False, extra_weight=None) -> HeadParams:
     """Checks one linear head's inputs and settles its options; `names` let the fused loss report ref_* names.
     `vocab`: the whole vocabulary's size when `weight` holds one shard of it (labels are global ids).
+    `extra_weight` [V, R]: more weight columns (prefopt/split_weight.py); hidden then has H + R features.
 
     The cache budget is 0 unless a backward will come (grad mode on and an input that requires grad)."""
     h_name, w_name, b_name = names
@@ -154,9 +155,20 @@ def settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softc
     check_same_device(**{h_name: hidden, w_name: weight, "labels": labels, b_name: bias})
     if weight.dim() != 2:
         raise ValueError(f"{w_name} must be [vocab, hidden], got shape {tuple(weight.shape)}")
-    if hidden.shape[-1] != weight.shape[1]:
+    features = weight.shape[1]
+    if extra_weight is not None:
+        check_tensor("extra_weight", extra_weight, floating=True)
+        check_same_device(**{h_name: hidden, "extra_weight": extra_weight})
+        if extra_weight.dim() != 2 or extra_weight.shape[0] != weight.shape[0]:
+            raise ValueError(f"extra_weight must be [vocab, extra features] with the {w_name}'s {weight.shape[0]} "
+                             f"rows, got shape {tuple(extra_weight.shape)}")
+        if extra_weight.dtype != hidden.dtype:
+            raise TypeError(f"extra_weight ({extra_weight.dtype}) must have the dtype of {h_name} ({hidden.dtype})")
+        features += extra_weight.shape[1]
+    if hidden.shape[-1] != features:
         raise ValueError(f"hidden size mismatch: {h_name} has {hidden.shape[-1]} features, {w_name} expects "
-                         f"{weight.shape[1]} ({w_name} shape {tuple(weight.shape)})")
+                         f"{features} ({w_name} shape {tuple(weight.shape)}"
+                         + ("" if extra_weight is None else f" + extra_weight {tuple(extra_weight.shape)}") + ")")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{h_name} ({hidden.dtype}) and {w_name} ({weight.dtype}) must have the same dtype")
     if bias is not None:
@@ -173,7 +185,8 @@ def settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softc
     asked_filter = filter_eps
     filter_eps = settle_filter_eps(filter_eps, hidden.dtype)
     vocab_sort = settle_vocab_sort(vocab_sort, asked_filter, filter_eps)
-    will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                    for t in (hidden, weight, bias, extra_weight))
     return _settle_head(labels, weight.shape[0] if vocab is None else vocab, ignore_index, temperature, softcap,
                         logit_scale, return_entropy, return_log_sum_p2, chunk_size, budget if will_backward else 0,
                         filter_eps, vocab_sort and will_backward)

@@ -6,6 +6,7 @@ import torch
 from prefopt import _validation as check
 from prefopt._options import HeadParams
 from prefopt.functions import LinearLogprobsFunction, LogprobsFromLogitsFunction, SegmentSumFunction
+from prefopt.split_weight import SplitWeight, SplitWeightLinearLogprobsFunction
 from prefopt.parallel import VocabParallelLinearLogprobsFunction, check_group, sequence_parallel_sums, \
     settle_vocab_shard
 
@@ -63,7 +64,7 @@ def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, 
 def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, temperature=1.0, softcap=None,
                     logit_scale=1.0, chunk_size=None, logits_cache_mb=None, return_entropy=False,
                     return_log_sum_p2=False, filter_eps=None, vocab_sort=False, vocab_parallel_group=None,
-                    vocab_start=None):
+                    vocab_start=None, extra_weight=None):
     """Fused `log_softmax(transform(hidden @ weight.T + bias)).gather(labels)` without the logits.
 
     hidden [..., H], weight [V, H], bias [V] | None, labels [...] (same leading shape as hidden).
@@ -93,23 +94,31 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, tem
     `vocab_start`), labels are global ids, and `hidden` and `labels` are the same on every rank. Every rank gets
     the log-probs over the whole vocabulary, the gradient of its own weight rows and the full hidden-state
     gradient; no rank holds the full weight or a full logits row.
+    `extra_weight` [V, R]: the weight is `[weight | extra_weight]` (column blocks) and `hidden` has H + R features;
+    the head runs the vocabulary in slabs and never forms the concatenation (prefopt/split_weight.py): LoRA on the
+    LM head (`prefopt.integrations.adapters`). Gradients flow to both blocks. Not with `vocab_parallel_group`.
     """
     hidden, weight, bias, labels, params, shard = prepare_linear(
         hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size, logits_cache_mb,
         return_entropy, return_log_sum_p2, filter_eps=filter_eps, vocab_sort=vocab_sort,
         vocab_parallel_group=vocab_parallel_group,
-        vocab_start=vocab_start)
+        vocab_start=vocab_start, extra_weight=extra_weight)
     return settled_linear_logprobs(hidden, weight, labels, bias, params, shard)
 
 
 def prepare_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, chunk_size,
                   logits_cache_mb, return_entropy=False, return_log_sum_p2=False, names=("hidden", "weight", "bias"),
-                  filter_eps=None, vocab_parallel_group=None, vocab_start=None, vocab_sort=False):
-    """Autocast, check and settle one head call -> (hidden, weight, bias, int64 labels, HeadParams, VocabShard |
-    None); no kernel runs. A vocabulary-parallel call settles its layout first (one all-gather on every rank), so
-    the labels are checked against the whole vocabulary."""
+                  filter_eps=None, vocab_parallel_group=None, vocab_start=None, vocab_sort=False, extra_weight=None):
+    """Autocast, check and settle one head call -> (hidden, weight, bias, int64 labels, HeadParams, layout), the
+    layout being None, a VocabShard or a SplitWeight (`extra_weight`); no kernel runs. A vocabulary-parallel call
+    settles its layout first (one all-gather on every rank), so the labels are checked against the whole
+    vocabulary."""
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     shard = None
+    if extra_weight is not None:
+        if vocab_parallel_group is not None:
+            raise ValueError("extra_weight with vocab_parallel_group is not supported")
+        _, extra_weight, _ = _autocast_inputs(hidden, extra_weight, None)
     if vocab_parallel_group is not None:
         shard = settle_vocab_shard(vocab_parallel_group, weight, vocab_start, labels)
     elif vocab_start is not None:
@@ -117,7 +126,9 @@ def prepare_linear(hidden, weight, labels, bias, ignore_index, temperature, soft
     params = check.settle_linear(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale,
                                  chunk_size, logits_cache_mb, return_entropy, return_log_sum_p2, names=names,
                                  vocab=None if shard is None else shard.vocab, filter_eps=filter_eps,
-                                 vocab_sort=vocab_sort)
+                                 vocab_sort=vocab_sort, extra_weight=extra_weight)
+    if extra_weight is not None:
+        shard = SplitWeight(extra_weight.contiguous())
     return hidden, weight, bias, labels.long(), params, shard
 
 
@@ -140,6 +151,8 @@ def settled_linear_logprobs(hidden, weight, labels, bias, params: HeadParams, sh
         # Everything ignored: zeros that still connect to the graph so .backward() works.
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         anchor = flat_hidden.sum() * 0 + weight.sum() * 0 + (0 if bias is None else bias.sum() * 0)
+        if isinstance(shard, SplitWeight):
+            anchor = anchor + shard.extra.sum() * 0
         connected = anchor.to(acc).expand(flat_labels.shape)
         zeros = torch.zeros(flat_labels.shape, dtype=acc, device=hidden.device)
         empty = zeros.new_empty(0)
@@ -149,6 +162,9 @@ def settled_linear_logprobs(hidden, weight, labels, bias, params: HeadParams, sh
         with torch.autocast(hidden.device.type, enabled=False):  # the backward must recompute the same tiles
             if shard is None:
                 outputs = LinearLogprobsFunction.apply(rows_hidden, weight, bias, rows_labels, params)
+            elif isinstance(shard, SplitWeight):
+                outputs = SplitWeightLinearLogprobsFunction.apply(rows_hidden, weight, shard.extra, bias, rows_labels,
+                                                                  params)
             else:
                 outputs = VocabParallelLinearLogprobsFunction.apply(rows_hidden, weight, bias, rows_labels, params,
                                                                     shard)

@@ -120,7 +120,12 @@ def cmd_info(argv):
         else:
             print(f"  {key:<14} {value}")
     import torch
-    print(f"  torch          {torch.__version__} (cuda available: {torch.cuda.is_available()})")
+    print(f"  cuda           {'available: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'unavailable'}")
+    from prefopt.versions import ROLES, TESTED, version_report
+    print("dependencies (installed; tested range, prefopt/versions.py):")
+    for dist, version, inside in version_report():
+        status = "not installed" if version is None else ("tested" if inside else "OUTSIDE the tested range")
+        print(f"  {dist:<14} {version or '-':<14} {status} ({TESTED[dist]}; {ROLES[dist]})")
     return 0
 
 

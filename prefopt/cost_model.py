@@ -70,10 +70,11 @@ EAGER_HOST = Host(5e-6, 20e-6, "assumed: 5 us per eager op, 20 us of device idle
 
 # aten ops (views included) the tiled head issues per tile from Python, counted with a TorchDispatchMode on
 # prefopt/cpu/chunked.py with several vocabulary blocks (tests/test_cost_model.py recounts them): forward 15
-# (27 when entropy is returned: the merge of E_p[z]), backward 40 (the foreign-label correction is half of them).
+# (26 when entropy is returned: the merge of E_p[z]), backward 38 (the mean of 37 for log-probs alone and 39 with an
+# entropy gradient; the foreign-label correction is half of them).
 FORWARD_OPS_PER_TILE = 15
-FORWARD_OPS_PER_TILE_ENTROPY = 27
-BACKWARD_OPS_PER_TILE = 40
+FORWARD_OPS_PER_TILE_ENTROPY = 26
+BACKWARD_OPS_PER_TILE = 38
 # ...and what filtering adds to a backward tile, net (the test, the skipped count, the layout choice, less the GEMM
 # ops of skipped tiles; counted the same way by tests/test_filter_cost.py: 4 when nothing is skipped, 8-12 when blocks
 # are)

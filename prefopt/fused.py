@@ -23,7 +23,7 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
                                  logits_cache_mb=None, loss_type="sigmoid", beta=0.1, ld_alpha=None,
                                  use_weighting=False, rpo_alpha=None, average_log_prob=False, nll_target=None,
                                  return_aux=False, filter_eps=None, vocab_sort=False, sequence_parallel_group=None,
-                                 vocab_parallel_group=None, vocab_start=None, **loss_options):
+                                 vocab_parallel_group=None, vocab_start=None, extra_weight=None, **loss_options):
     """DPO-family loss from the final hidden states, with the policy (and optional live reference) head fused.
 
     hidden [2P, T, H] / labels [2P, T] (label t is the token predicted from hidden t; prompt and padding
@@ -44,6 +44,8 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
     the cu_seqlens of its slices); the per-sequence sums are all-reduced, every rank gets the same loss and metrics
     and its own tokens' gradients. `vocab_parallel_group`: `weight`/`bias` (and `ref_weight`/`ref_bias`) hold this
     rank's vocabulary rows as in `linear_logprobs`; labels are global ids. Both at once for a 2-D layout.
+    `extra_weight` [V, R]: the policy head's weight is `[weight | extra_weight]` and `hidden` has H + R features, as in
+    `linear_logprobs` (LoRA on the LM head); not with `return_aux` nor `vocab_parallel_group`.
     Returns (loss, metrics) as `preference_loss` does; with `return_aux=True`, (loss, aux) with Liger's aux
     tuple: (chosen_logps [P], rejected_logps [P], chosen_logits_mean, rejected_logits_mean, nll_loss,
     chosen_rewards [P], rejected_rewards [P]) (logits means of the untransformed head, over every position).
@@ -67,17 +69,20 @@ def fused_linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidde
     # presence check (see check_loss_presence).
     head = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
                 chunk_size=chunk_size)
+    if extra_weight is not None and return_aux:
+        raise ValueError("return_aux (Liger's logits means) is not available with extra_weight")
     hidden, weight, bias, labels, policy, shard = prepare_linear(hidden, weight, labels, bias,
                                                                 logits_cache_mb=logits_cache_mb,
                                                                 return_log_sum_p2=use_weighting, filter_eps=filter_eps,
-                                                                vocab_sort=vocab_sort, **head, **split_vocab)
+                                                                vocab_sort=vocab_sort, extra_weight=extra_weight,
+                                                                **head, **split_vocab)
     if nll_target is not None:
         split = n_pairs if cu_seqlens is None else int(cu_seqlens[n_pairs])
         nll_target = check.check_nll_target(nll_target, labels, cu_seqlens)[:split]
         nll_hidden, _, _, nll_target, nll_head, _ = prepare_linear(hidden[:split], weight, nll_target, bias,
                                                                   logits_cache_mb=logits_cache_mb,
                                                                   filter_eps=filter_eps, vocab_sort=vocab_sort,
-                                                                  **head, **split_vocab)
+                                                                  extra_weight=extra_weight, **head, **split_vocab)
     if live:
         # Detached, so its settled cache budget is 0: no backward comes through the reference head.
         ref_hidden, ref_weight, ref_bias, _, ref_head, ref_shard = prepare_linear(

@@ -29,3 +29,15 @@ if TEST_DEVICE == "cuda":
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Tests of what prefopt integrates with (transformers, the TRL drop-in, Liger's forms, FSDP through accelerate,
+# the dependency checks): `.ci/run` runs them a second time against the newest releases (`-m integration`).
+INTEGRATION_FILES = {"test_integrations_transformers.py", "test_integrations_trl.py", "test_liger_forms.py",
+                     "test_fsdp.py", "test_ecosystem.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in INTEGRATION_FILES:
+            item.add_marker(pytest.mark.integration)

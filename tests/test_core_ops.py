@@ -6,12 +6,24 @@ import prefopt
 from prefopt import _backend
 from prefopt.reference import linear_logprobs_ref, logprobs_from_logits_ref, sequence_logps_ref
 from tests._backends import BACKENDS, CPU_BACKENDS
+from tests._spy import KernelSpy
 
 
 
-# bf16/fp16 inputs: math is fp32 inside, so the only error is the input rounding of the logits/hidden;
-# these bounds are on |prefopt - reference(fp32 math on the same rounded inputs)|.
-LOW_PRECISION_TOL = {torch.bfloat16: dict(atol=2e-2, rtol=2e-2), torch.float16: dict(atol=5e-3, rtol=5e-3)}
+# bf16/fp16: the math is fp32 inside, and the references below run fp32 math on the same rounded inputs, so what
+# separates them is the roundings to the 16-bit dtype. UNIT is its unit roundoff u (half the spacing of its numbers
+# at 1). Rounding to nearest (torch, C++) moves a value by at most u of it; the Triton interpreter casts fp32 to
+# bf16 by truncation, a whole spacing (2u), so each rounding below is allowed 2u. fp16 has subnormals below 2^-14,
+# spaced 2^-24 apart (FLOOR: the most a rounding there moves a value); bf16 has fp32's range.
+UNIT = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+FLOOR = {torch.bfloat16: 0.0, torch.float16: 2.0 ** -24}
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _assert_within(got, want, bound, what):
+    error = (got.double() - want.double()).abs()
+    excess = torch.where(error == 0, 0.0, error / bound).max().item()  # 0 / 0: an exact 0 (an ignored row)
+    assert excess <= 1.0, f"{what}: off by {excess:.3g} x its bound"
 
 
 def _grads(fn, *tensors):
@@ -59,7 +71,12 @@ def test_logprobs_from_logits_low_precision(backend, dtype):
     want, (want_grad,) = _grads(lambda: logprobs_from_logits_ref(ref_logits, labels, temperature=0.9), ref_logits)
     assert got[0].dtype == torch.float32 and grad.dtype == dtype
     torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(grad.float(), want_grad, **LOW_PRECISION_TOL[dtype])
+    # The gradient is fp32 math rounded once to `dtype` (2u of it, FLOOR below fp16's normal range); the two fp32
+    # computations of p = exp(z - lse) differ by a few fp32 spacings of |lse| (16 eps32 |lse|, times the largest
+    # gradient entry |upstream| / temperature, which bounds every p |upstream| / temperature).
+    lse = torch.logsumexp(ref_logits.detach() / 0.9, -1).abs().max().item()
+    bound = 2 * UNIT[dtype] * want_grad.abs() + FLOOR[dtype] + 16 * EPS32 * lse * want_grad.abs().max()
+    _assert_within(grad, want_grad, bound, "logits gradient")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -71,9 +88,26 @@ def test_logprobs_from_logits_huge_vocab_and_magnitude(backend):
     with prefopt.use_backend(backend):
         logp, entropy = prefopt.logprobs_from_logits(logits, labels, return_entropy=True)
         (logp.sum() + entropy.sum()).backward()
-    want, want_entropy = logprobs_from_logits_ref(logits.detach(), labels, return_entropy=True)
     assert torch.isfinite(logp).all() and torch.isfinite(entropy).all() and torch.isfinite(logits.grad).all()
-    torch.testing.assert_close(logp, want, atol=1e-2, rtol=1e-6)
+    # float64 truth on the same fp32 logits, and the same upstream gradients (1 for logp, 1 for the entropy)
+    x = logits.detach().double().requires_grad_()
+    want, want_entropy = logprobs_from_logits_ref(x, labels, return_entropy=True)
+    (want.sum() + want_entropy.sum()).backward()
+    # The fp32 kernels form z - lse with an error of a few fp32 spacings of |lse| (~4.6e4 here: spacing u = 2^-8),
+    # so log p moves by a few u, p by p * (a few u), and the entropy gradient -p (log p + H) by
+    # p (|log p| + H + 1) (a few u): 8 u each. Below that, fp32 flushes to 0 what float64 still holds: any entry
+    # of p or -p log p under 2^-126 (there are up to V of them in the entropy's sum), and the stored gradient
+    # carries its own rounding (eps32 of its size).
+    u = _float32_spacing(float(torch.logsumexp(x.detach(), -1).abs().max()))
+    tiny, eps32 = 2.0 ** -126, torch.finfo(torch.float32).eps
+    log_p = torch.log_softmax(x.detach(), -1)
+    p, h = log_p.exp(), want_entropy.detach()[:, None]
+    torch.testing.assert_close(logp.double(), want.detach(), atol=8 * u, rtol=0)
+    entropy_bound = 8 * u * (h[:, 0] + 1) + vocab * tiny * 88  # -p log p < 88 p for p < 2^-126
+    assert bool(((entropy.double() - want_entropy.detach()).abs() <= entropy_bound).all()), (entropy, want_entropy)
+    grad_bound = 8 * u * p * (2 + log_p.abs() + h) + eps32 * x.grad.abs() + tiny
+    excess = ((logits.grad.double() - x.grad).abs() / grad_bound).max().item()
+    assert excess <= 1.0, f"logits gradient off by {excess:.3g} x its bound"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -133,11 +167,25 @@ def test_linear_logprobs_low_precision(backend, dtype):
         got, got_grads = _grads(lambda: prefopt.linear_logprobs(hidden, weight, labels), hidden, weight)
     h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
     want, want_grads = _grads(lambda: linear_logprobs_ref(h32, w32, labels), h32, w32)
-    # logits are rounded to `dtype` by the GEMM (as in eager), so values carry that rounding too.
-    torch.testing.assert_close(got[0], want[0], atol=5e-2, rtol=2e-2)
-    for g, w in zip(got_grads, want_grads):
-        assert g.dtype == dtype
-        torch.testing.assert_close(g.float(), w, atol=5e-2, rtol=5e-2)
+    # The torch and cpp heads round their logits to `dtype` (their GEMMs are `dtype` GEMMs, as in eager; the Triton
+    # head keeps them fp32): each logit is within dz of the reference's, 2u of |z| plus the fp32 accumulation of
+    # H products (H eps32 sum |h w|). log p = z_label - lse moves by at most 2 dz.
+    u, h, w = UNIT[dtype], hidden.detach().double(), weight.detach().double()
+    z = h @ w.T
+    dz = 2 * u * z.abs().max().item() + h.shape[1] * EPS32 * (h.abs() @ w.abs().T).max().item()
+    torch.testing.assert_close(got[0].double(), want[0].double(), atol=2 * dz, rtol=0)
+    # Gradients: dlogits D = g (onehot - p) moves by |g| p 2 dz through the logits (p by p (dz + max dz)), is
+    # rounded to `dtype` before the two product GEMMs (2u |D|), and each product is rounded to `dtype` (2u of it).
+    gen = torch.Generator().manual_seed(1234)  # the upstream weights _grads draws
+    g = torch.randn(labels.shape, dtype=torch.float64, generator=gen).abs() * (labels != -100)
+    p = torch.softmax(z, -1)
+    size = g[:, None] * (p + torch.nn.functional.one_hot(labels.clamp(min=0), z.shape[1]))  # >= |D|
+    moved = g[:, None] * p * 2 * dz + 2 * u * size
+    bounds = (moved @ w.abs() + 2 * u * want_grads[0].abs() + FLOOR[dtype],
+              moved.T @ h.abs() + 2 * u * want_grads[1].abs() + FLOOR[dtype])
+    for name, got_grad, want_grad, bound in zip(("grad_hidden", "grad_weight"), got_grads, want_grads, bounds):
+        assert got_grad.dtype == dtype
+        _assert_within(got_grad, want_grad, bound, name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -187,27 +235,56 @@ def test_sequence_logps_padded_and_packed(backend, average):
     assert torch.isfinite(got[0]).all() and got[0][1] == 0
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 5])), r"labels must be in \[0, 5\)"),
-    (lambda: prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, -3])), r"labels must be in"),
-    (lambda: prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1.0, 2.0])), "integer tensor"),
-    (lambda: prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 2, 3])), "labels shape"),
-    (lambda: prefopt.logprobs_from_logits(torch.randn(0, 5), torch.zeros(0, dtype=torch.long)), "empty"),
-    (lambda: prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 2]), temperature=0), "temperature"),
-    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 5), torch.tensor([1, 2])), "hidden size mismatch"),
-    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 4).double(), torch.tensor([1, 2])), "same dtype"),
-    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 4), torch.tensor([1, 9])), r"\[0, 9\)"),
-    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 4), torch.tensor([1, 2]), torch.randn(8)), "bias must have shape"),
-    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 4), torch.tensor([1, 2]), chunk_size=0), "chunk_size"),
-    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 4), torch.tensor([1, 2]), softcap=-1.0), "softcap"),
-    (lambda: prefopt.sequence_logps(torch.randn(6), cu_seqlens=torch.tensor([0, 4, 3, 6])), "non-decreasing"),
-    (lambda: prefopt.sequence_logps(torch.randn(6), cu_seqlens=torch.tensor([0, 4, 5])), "end at the number of tokens 6"),
-    (lambda: prefopt.sequence_logps(torch.randn(6)), "pass cu_seqlens"),
-    (lambda: prefopt.sequence_logps(torch.randn(2, 3), torch.ones(2, 4, dtype=torch.bool)), "mask shape"),
-])
-def test_bad_input_raises_before_any_kernel(call, message):
-    with pytest.raises((ValueError, TypeError), match=message):
+@pytest.fixture
+def spy(monkeypatch):
+    return KernelSpy(monkeypatch)
+
+
+BAD_INPUT = [  # (call, the exact error type, message)
+    (lambda: prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 5])), ValueError,
+     r"labels must be in \[0, 5\)"),
+    (lambda: prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, -3])), ValueError, r"labels must be in"),
+    (lambda: prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1.0, 2.0])), TypeError, "integer tensor"),
+    (lambda: prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 2, 3])), ValueError, "labels shape"),
+    (lambda: prefopt.logprobs_from_logits(torch.randn(0, 5), torch.zeros(0, dtype=torch.long)), ValueError, "empty"),
+    (lambda: prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 2]), temperature=0), ValueError,
+     "temperature"),
+    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 5), torch.tensor([1, 2])), ValueError,
+     "hidden size mismatch"),
+    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 4).double(), torch.tensor([1, 2])), TypeError,
+     "same dtype"),
+    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 4), torch.tensor([1, 9])), ValueError,
+     r"\[0, 9\)"),
+    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 4), torch.tensor([1, 2]), torch.randn(8)),
+     ValueError, "bias must have shape"),
+    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 4), torch.tensor([1, 2]), chunk_size=0),
+     ValueError, "chunk_size"),
+    (lambda: prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 4), torch.tensor([1, 2]), softcap=-1.0),
+     ValueError, "softcap"),
+    (lambda: prefopt.sequence_logps(torch.randn(6), cu_seqlens=torch.tensor([0, 4, 3, 6])), ValueError,
+     "non-decreasing"),
+    (lambda: prefopt.sequence_logps(torch.randn(6), cu_seqlens=torch.tensor([0, 4, 5])), ValueError,
+     "end at the number of tokens 6"),
+    (lambda: prefopt.sequence_logps(torch.randn(6)), ValueError, "pass cu_seqlens"),
+    (lambda: prefopt.sequence_logps(torch.randn(2, 3), torch.ones(2, 4, dtype=torch.bool)), ValueError, "mask shape"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", BAD_INPUT, ids=[c[2].replace("\\", "") for c in BAD_INPUT])
+def test_bad_input_raises_before_any_kernel(spy, call, error, message):
+    with pytest.raises(error, match=message) as raised:
         call()
+    assert type(raised.value) is error  # not merely a subclass
+    assert spy.calls == []
+
+
+def test_spy_sees_the_kernel_of_each_op(spy):
+    """The control: valid calls of the three ops reach a row op, a head and a segment sum, so a zero count above
+    means the error came first."""
+    prefopt.logprobs_from_logits(torch.randn(2, 5), torch.tensor([1, 2]))
+    prefopt.linear_logprobs(torch.randn(2, 4), torch.randn(9, 4), torch.tensor([1, 2]))
+    prefopt.sequence_logps(torch.randn(6), cu_seqlens=torch.tensor([0, 4, 6]))
+    assert spy.named("row_forward") and spy.named("linear_forward") and spy.named("segment_forward")
 
 
 def test_backend_selection_errors_and_context(monkeypatch):

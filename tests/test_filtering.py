@@ -57,10 +57,10 @@ def _grads(backend, hidden, weight, bias, labels, upstream, entropy, filter_eps=
 
 
 def _bounds(hidden, weight, bias, labels, upstream, entropy, eps, **options):
-    """Per-element bounds on |filtered - exact| for (grad_hidden, grad_weight, grad_bias): the filter's (every
-    entry that may be skipped, |D_iv| <= eps * s * G_i with a 1% margin for the backends' own rounding of D, times
-    its GEMM partner) plus the rounding of two differently blocked sums. Also checks the filter part against the
-    closed form of docs/design.md."""
+    """Per-element bounds on |filtered - exact| for (grad_hidden, grad_weight, grad_bias), each plus the rounding of
+    two differently blocked sums: the filter's (every entry that may be skipped, |D_iv| <= eps * s * G_i with a 1%
+    margin for the backends' own rounding of D, times its GEMM partner), and docs/design.md's closed form (the bound
+    the user is promised, looser: it charges every entry eps * s * G_i)."""
     h, w = hidden.double(), weight.double()
     raw = (h @ w.T + (0 if bias is None else bias.double())).requires_grad_()
     logp, ent = logprobs_from_logits_ref(raw, labels, return_entropy=True, **options)
@@ -72,13 +72,15 @@ def _bounds(hidden, weight, bias, labels, upstream, entropy, eps, **options):
     may_skip = torch.where(grad_raw.abs() <= 1.01 * threshold[:, None], grad_raw.abs(), 0.0)
     filter_h, filter_w, filter_b = may_skip @ w.abs(), may_skip.T @ h.abs(), may_skip.sum(0)
     # the closed forms of docs/design.md: eps s G_i sum_v |W[v, k]|, eps s sum_i G_i |h[i, k]|, eps s sum_i G_i
-    assert torch.all(filter_h <= 1.01 * threshold[:, None] * w.abs().sum(0)[None, :])
-    assert torch.all(filter_w <= 1.01 * (threshold[:, None] * h.abs()).sum(0)[None, :])
-    assert torch.all(filter_b <= 1.01 * threshold.sum())
+    closed_h = 1.01 * threshold[:, None] * w.abs().sum(0)[None, :]
+    closed_w = 1.01 * (threshold[:, None] * h.abs()).sum(0)[None, :].expand(w.shape)
+    closed_b = 1.01 * threshold.sum().expand(w.shape[0])
     unit, roundings = ROUNDING[hidden.dtype]
     size = grad_raw.abs()
-    return (filter_h + roundings * unit * (size @ w.abs()), filter_w + roundings * unit * (size.T @ h.abs()),
-            filter_b + roundings * unit * size.sum(0) + 1e-300)
+    rounding = (roundings * unit * (size @ w.abs()), roundings * unit * (size.T @ h.abs()),
+                roundings * unit * size.sum(0) + 1e-300)
+    return ([f + r for f, r in zip((filter_h, filter_w, filter_b), rounding)],
+            [c + r for c, r in zip((closed_h, closed_w, closed_b), rounding)])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -91,8 +93,8 @@ def test_filtered_gradients_within_the_bound(backend, dtype, options, entropy, w
     skip_counter.reset()
     filtered = _grads(backend, hidden, weight, bias, labels, upstream, entropy, filter_eps=EPS, **options)
     assert 0 < skip_counter.skipped < skip_counter.total, (skip_counter.skipped, skip_counter.total)
-    bounds = _bounds(hidden, weight, bias, labels, upstream, entropy, EPS, **options)
-    for name, got, want, bound in zip(("hidden", "weight", "bias"), filtered, exact, bounds):
+    bounds, closed_forms = _bounds(hidden, weight, bias, labels, upstream, entropy, EPS, **options)
+    for name, got, want, bound, closed in zip(("hidden", "weight", "bias"), filtered, exact, bounds, closed_forms):
         if want is None:
             assert got is None
             continue
@@ -100,6 +102,8 @@ def test_filtered_gradients_within_the_bound(backend, dtype, options, entropy, w
         error = (got.double() - want.double()).abs()
         worst = (error / bound).max().item()
         assert worst <= 1.0, f"grad_{name}: error {error.max().item():.3g} exceeds the bound ({worst:.3g} x)"
+        worst = (error / closed).max().item()
+        assert worst <= 1.0, f"grad_{name}: error exceeds docs/design.md's bound ({worst:.3g} x)"
     if dtype == torch.float32:  # the skipped blocks did change something: the bound was tested, not bypassed
         assert not all(torch.equal(f, e) for f, e in zip(filtered, exact) if e is not None)
 

@@ -225,8 +225,10 @@ def test_peft_modules_to_save_head():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_lora_on_lm_head_is_rejected():
+def test_lora_on_lm_head_is_no_plain_head():
+    """LoRA on lm_head runs on augmented operands (tests/test_lora_head.py); head_of, which returns a plain
+    (weight, bias), refuses it rather than returning the base weight without the adapter."""
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(_models()["llama"](), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
-    with pytest.raises(ValueError, match="lm_head"):
+    with pytest.raises(ValueError, match="head_operands"):
         head_of(model)

@@ -1,7 +1,9 @@
 """prefopt.integrations.liger: Liger's call forms (options, argument order, return structure) against a torch
-reference that materialises the logits and follows liger_kernel/chunked_loss (0.8.x) formula by formula.
+reference that materialises the logits and follows liger_kernel/chunked_loss (0.8.x) formula by formula, and, where
+liger-kernel is installed, against Liger's own modules on the same inputs (which checks the transcription too).
 
-float64 throughout, so prefopt's fused head must agree with the eager reference to rounding (1e-9)."""
+float64 throughout, so prefopt's fused head must agree with the eager reference to rounding (1e-9); Liger forms its
+log-softmax in float32, so it is compared within that rounding."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -285,3 +287,68 @@ def test_native_orpo_nll_target_matches_liger_form():
     torch.testing.assert_close(metrics["nll_loss"], want[1][4].detach(), **TOL)
     for a, c in zip(torch.autograd.grad(loss, [xg, wg, bg]), torch.autograd.grad(want[0], [xr, wr, br])):
         torch.testing.assert_close(a, c, **TOL)
+
+
+# ------------------------------------------------------------------- the installed Liger itself, where it is
+# The torch reference above is a transcription of Liger's formulas; where liger-kernel is installed, each call form is
+# also run through Liger's own module (compiled=False: eager torch, which runs on CPU) on the same inputs.
+LIGER_CASES = (
+    [("DPO", dict(beta=0.3, loss_type=t, average_log_prob=a,
+                  label_smoothing=0.2 if t in ("robust", "exo_pair", "sigmoid") else 0.0), 0)
+     for t in ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+               "discopop") for a in (False, True)]
+    + [("DPO", dict(beta=0.2, compute_nll_loss=True, alpha=0.7, use_ref_model=r), 1) for r in (True, False)]
+    + [("ORPO", dict(beta=0.25, compute_nll_loss=c), 2) for c in (True, False)]
+    + [("SimPO", dict(beta=2.0, alpha=0.4, label_smoothing=0.1, gamma=0.7, compute_nll_loss=c), 3) for c in (True, False)]
+    + [("CPO", dict(beta=0.1, alpha=1.5, label_smoothing=0.05, compute_nll_loss=c, average_log_prob=a), 4)
+       for c in (True, False) for a in (False, True)]
+    + [("KTO", dict(beta=0.5, use_ref_model=r, average_log_prob=a, kl=k), 5)
+       for r in (True, False) for a in (False, True) for k in (None, 0.3, -0.2)]
+)
+
+
+@pytest.mark.parametrize("family, options, seed", LIGER_CASES,
+                         ids=[f"{f}-" + "-".join(f"{k}={v}" for k, v in o.items()) for f, o, _ in LIGER_CASES])
+def test_liger_forms_equal_liger_itself(family, options, seed):
+    chunked_loss = pytest.importorskip("liger_kernel.chunked_loss", reason="liger-kernel is not installed")
+    options = dict(options)
+    kl = options.pop("kl", None)
+    batch = 5 if family == "KTO" else 2 * P
+    x, w, b, target = _inputs(seed=seed, batch=batch)
+    ref = (x * 0.9, w + 0.03, b * 0.5) if options.get("use_ref_model", family == "DPO") else (None, None, None)
+    theirs_module = getattr(chunked_loss, f"LigerFusedLinear{family}Loss")(compiled=False, **options)
+    ours_module = getattr(liger, f"LigerFusedLinear{family}Loss")(**options)
+    xt, wt, bt = _leaves(x, w, b)
+    xo, wo, bo = _leaves(x, w, b)
+    if family == "KTO":
+        labels = torch.tensor([True, False, True, True, False])
+        kl_t = None if kl is None else torch.tensor(kl, dtype=torch.float64)
+        theirs = theirs_module(xt, wt, target, bt, labels, *ref, kl_t)
+        ours = ours_module(xo, wo, target, bo, labels, *ref, kl_t)
+    elif family == "DPO":
+        theirs = theirs_module(wt, xt, target, bt, *ref)
+        ours = ours_module(wo, xo, target, bo, *ref)
+    else:
+        theirs = theirs_module(wt, xt, target, bt)
+        ours = ours_module(wo, xo, target, bo)
+    # Liger 0.8.5 runs each chunk's log-softmax in float32 (logits_chunk.float()), the rest in the inputs' float64:
+    # each token log-prob it forms carries a few fp32 roundings of |z| + |lse|, a sequence sums T of them. Every
+    # output (loss, aux, gradient) depends on the sequences with a slope below 8 here (beta <= 2 times slopes <= 1,
+    # sppo_hard's quadratic at these margins; its sums of logits round relative to their own size), so it must agree
+    # within 8 T eps32 max(|z| + |lse|) max(1, |value|).
+    scale = 0.0
+    for hidden, weight, bias in ((x, w, b), ref):
+        if hidden is not None:
+            logits = hidden @ weight.T + (0 if bias is None else bias)
+            scale = max(scale, float(logits.abs().max() + logits.logsumexp(-1).abs().max()))
+    allowed = 8 * T * torch.finfo(torch.float32).eps * scale
+    (loss_t, aux_t), (loss_o, aux_o) = theirs, ours
+    assert len(aux_o) == len(aux_t)
+    pairs = [(loss_o, loss_t)] + list(zip(aux_o, aux_t)) + list(zip(
+        torch.autograd.grad(loss_o, [t for t in (xo, wo, bo) if t is not None]),
+        torch.autograd.grad(loss_t, [t for t in (xt, wt, bt) if t is not None])))
+    for i, (a, c) in enumerate(pairs):
+        a, c = torch.as_tensor(a).detach().double(), torch.as_tensor(c).detach().double()
+        assert a.shape == c.shape, i
+        excess = float(((a - c).abs() / (allowed * c.abs().clamp(min=1))).max()) if a.numel() else 0.0
+        assert excess <= 1.0, f"output {i}: off by {excess:.3g} x the allowance"

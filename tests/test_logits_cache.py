@@ -4,12 +4,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import prefopt
-from prefopt import _backend
 from prefopt.cpu import chunked
 from prefopt.fused import fused_linear_preference_loss
+from tests._backends import CPU_BACKENDS
 
-CPP = pytest.param("cpp", marks=pytest.mark.skipif(not _backend.cpp_status("cpu")[0], reason="cpp not built"))
-CPU_BACKENDS = ["torch", CPP]
 N, H, V = 24, 8, 37
 ROWS = 8  # chunk_size: 3 row blocks
 

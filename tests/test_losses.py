@@ -5,16 +5,14 @@ import pytest
 import torch
 
 import prefopt
-from prefopt._backend import cpp_status, triton_status
+from prefopt._backend import triton_status
 from prefopt.losses import kto_loss, preference_loss
 from prefopt.losses.reference import reference_cpo_loss, reference_dpo_loss, reference_kto_loss
 from prefopt.losses.table import DPO_LOSSES, ENTRIES, REF_FREE_LOSSES
+from tests._backends import BACKENDS
 
 P = 8
 _TRITON_OK, _TRITON_WHY = triton_status("cpu")
-_CPP_OK, _CPP_WHY = cpp_status("cpu")
-BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(not _CPP_OK, reason=_CPP_WHY)),
-            pytest.param("triton", marks=pytest.mark.skipif(not _TRITON_OK, reason=_TRITON_WHY))]
 RTOL, ATOL = 1e-9, 1e-12
 
 

@@ -1,6 +1,7 @@
 """prefopt.trainer: learning on the shipped data, exact resume, DDP (2 gloo processes), packing, precomputed
 reference, KTO, protocol modules, PEFT reference, and the failures bad input must give."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -121,8 +122,24 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 # ---- equivalent paths -------------------------------------------------------------------------------------
-def test_padding_free_matches_padded(tmp_path, baseline):
+def _spy_fused_loss(monkeypatch):
+    """The layout of every batch the trainer's fused loss receives: "packed" (cu_seqlens) or "padded"."""
+    import prefopt
+    layouts = []
+    real = prefopt.fused_linear_preference_loss
+
+    def spy(hidden, weight, labels, **kwargs):
+        layouts.append("padded" if kwargs.get("cu_seqlens") is None else "packed")
+        return real(hidden, weight, labels, **kwargs)
+
+    monkeypatch.setattr(prefopt, "fused_linear_preference_loss", spy)
+    return layouts
+
+
+def test_padding_free_matches_padded(tmp_path, baseline, monkeypatch):
+    layouts = _spy_fused_loss(monkeypatch)
     _run(tmp_path / "run", padding_free=True)
+    assert layouts == ["packed"] * 6  # the packed path ran, one micro-batch per step
     assert _losses(tmp_path / "run") == pytest.approx(_losses(baseline), abs=1e-5)
 
 
@@ -191,12 +208,102 @@ def test_paired_loss_with_kto_rows_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("extra", [dict(loss_type="ipo"), dict(loss_type="simpo"), dict(rpo_alpha=1.0),
-                                   dict(ld_alpha=0.5), dict(use_weighting=True),
-                                   dict(loss_type="sigmoid,sft", loss_weights=[1.0, 0.5])])
-def test_loss_options_train(tmp_path, extra):
-    summary = _run(tmp_path / "run", max_steps=2, save_steps=0, **extra)
+@pytest.fixture(scope="module")
+def uneven_pairs(tmp_path_factory):
+    """8 sorting pairs whose rejected completion is longer than the chosen one in half of them and shorter in the
+    other half, so length normalisation (ipo, simpo) and LD-DPO's shared length change the numbers."""
+    rows = []
+    for i, digits in enumerate(["3142", "97531", "2718", "60221", "1414", "86420", "5772", "31337"]):
+        chosen = "".join(sorted(digits)) + "."
+        rejected = (digits + digits[:3] if i % 2 else digits[:2]) + "."
+        rows.append(json.dumps({"prompt": f"sort:{digits}=", "chosen": chosen, "rejected": rejected}))
+    return _write(tmp_path_factory.mktemp("uneven") / "pairs.jsonl", rows)
+
+
+def _first_step_truth(out, options, loss_type="sigmoid", loss_weights=None, beta=0.1, rpo_alpha=None,
+                      ld_alpha=None, use_weighting=False, **config):
+    """The first step's loss and metrics, in float64, from the first micro-batch and the initial model (built from
+    the seed as the run builds it; a Trainer that writes nothing) with an eager head (logits, log_softmax) and TRL's
+    formulas (prefopt/losses/reference.py); and how far an fp32 run may be from them.
+
+    Each token's fp32 log-prob z_label - lse is within eps32 (H (|z_label| + |lse|) + V) of the float64 one (an
+    H-term GEMM, a V-term log-sum-exp); log sum p^2 likewise. The policy's and the reference's (the same values at
+    step 1, computed apart) are separate inputs of the truth, and the allowance is sum |d truth / d input| x that
+    input's allowance (first order), plus a few fp32 roundings of the result."""
+    from prefopt.losses.reference import reference_cpo_loss, reference_dpo_loss
+    trainer = Trainer(TrainConfig(**dict(SMALL, output_dir=str(out), loss_type=loss_type, loss_weights=loss_weights,
+                                         beta=beta, rpo_alpha=rpo_alpha, ld_alpha=ld_alpha,
+                                         use_weighting=use_weighting, **config)))
+    (rows,) = trainer._indices(0)
+    batch = trainer._batch(rows)
+    with torch.no_grad():
+        hidden = trainer.adapter.hidden_states(batch).double()
+        weight, bias = trainer.adapter.output_head()
+        logits = hidden @ weight.double().T + (0 if bias is None else bias.double())
+    labels, pairs = batch["labels"], len(rows)
+    mask = labels != -100
+    log_softmax = logits.log_softmax(-1)
+    z = logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    lse = logits.logsumexp(-1)
+    eps32 = torch.finfo(torch.float32).eps
+    allowance = eps32 * (hidden.shape[-1] * (z.abs() + lse.abs()) + logits.shape[-1])
+    tok = torch.where(mask, log_softmax.gather(-1, labels.clamp(min=0)[..., None])[..., 0], 0.0).requires_grad_()
+    ref_tok = tok.detach().clone().requires_grad_()
+    log_sum_p2 = torch.logsumexp(2 * log_softmax, -1).requires_grad_()
+    lengths = mask.sum(1).double()
+    weights = mask.double()
+    if ld_alpha is not None:  # LD-DPO: ld_alpha on the longer completion's tokens past the pair's shared length
+        shared = torch.minimum(lengths[:pairs], lengths[pairs:]).repeat(2)[:, None]
+        weights = torch.where(mask.cumsum(1) <= shared, 1.0, ld_alpha) * mask
+    seq, ref = (tok * weights).sum(1), (ref_tok * weights).sum(1)
+    chosen_nll = -(tok * mask).sum(1)[:pairs]
+    if loss_type == "simpo":
+        loss = reference_cpo_loss(seq[:pairs], seq[pairs:], loss_type="simpo", beta=beta,
+                                  chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:])
+    else:
+        wpo = None
+        if use_weighting:  # WPO: exp of the mean over completion tokens of log p - log sum p^2, chosen x rejected
+            per_seq = (((tok - log_sum_p2) * mask).sum(1) / lengths).exp()
+            wpo = per_seq[:pairs] * per_seq[pairs:]
+        loss = reference_dpo_loss(seq[:pairs], seq[pairs:], ref[:pairs], ref[pairs:],
+                                  loss_type=loss_type.split(",") if "," in loss_type else loss_type, beta=beta,
+                                  loss_weights=loss_weights, chosen_lengths=lengths[:pairs],
+                                  rejected_lengths=lengths[pairs:], chosen_nll=chosen_nll,
+                                  nll_lengths=lengths[:pairs], rpo_alpha=rpo_alpha, policy_weights=wpo)
+    grads = torch.autograd.grad(loss, (tok, ref_tok, log_sum_p2), allow_unused=True)
+    error = sum(float((g.abs() * allowance).sum()) for g in grads if g is not None)
+    loss = float(loss.detach())
+    truth = {"loss": (loss, error + 8 * eps32 * abs(loss))}
+    # the logged log-probs: per-sequence sums (simpo: means, as TRL's CPO trainer reports them)
+    per = lengths if loss_type == "simpo" else torch.ones_like(lengths)
+    sums, sum_errors = seq.detach() / per, (weights * allowance).sum(1) / per
+    unweighted = (tok.detach() * mask).sum(1) / per
+    for name, part in (("logps/chosen", slice(0, pairs)), ("logps/rejected", slice(pairs, None))):
+        truth[name] = (float(sums[part].mean()), float(sum_errors[part].max()))
+    return truth, {"logps/chosen": float(unweighted[:pairs].mean()), "logps/rejected": float(unweighted[pairs:].mean())}
+
+
+LOSS_OPTIONS = [dict(loss_type="ipo"), dict(loss_type="simpo"), dict(rpo_alpha=1.0), dict(ld_alpha=0.5),
+                dict(use_weighting=True), dict(loss_type="sigmoid,sft", loss_weights=[1.0, 0.5])]
+
+
+@pytest.mark.parametrize("extra", LOSS_OPTIONS, ids=lambda e: "-".join(f"{k}={v}" for k, v in e.items()))
+def test_loss_options_pin_the_first_step(tmp_path, uneven_pairs, extra):
+    """The first step of each option equals its closed form on the initial model (policy == reference: ipo is
+    1 / (4 beta^2), rpo log 2 + alpha NLL, sigmoid+sft log 2 + 0.5 NLL, WPO log 2 x the mean pair weight, simpo its
+    length-averaged margin; LD-DPO's loss is log 2 whatever the weights, so its logged log-probs are pinned, and they
+    differ from the unweighted ones), and the second step is finite."""
+    summary = _run(tmp_path / "run", max_steps=2, save_steps=0, dataset=uneven_pairs, **extra)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in summary["history"])
+    first = summary["history"][0]
+    truth, unweighted = _first_step_truth(tmp_path / "truth", extra, dataset=uneven_pairs, **extra)
+    for key, (want, allowed) in truth.items():
+        assert abs(first[key] - want) <= allowed, (key, first[key], want, allowed)
+    if "ld_alpha" in extra:
+        for key in ("logps/chosen", "logps/rejected"):
+            assert abs(unweighted[key] - truth[key][0]) > 10 * truth[key][1], key
+    elif extra.get("loss_type") != "simpo":
+        assert abs(first["loss"] - math.log(2)) > 10 * truth["loss"][1]  # the option changed the loss
 
 
 class ProtocolLM(torch.nn.Module):
@@ -362,7 +469,29 @@ def test_bf16_autocast_runs(tmp_path):
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in summary["history"])
 
 
-def test_gradient_checkpointing_matches(tmp_path):
+def test_gradient_checkpointing_matches(tmp_path, monkeypatch):
+    """Same losses, and the checkpointed run did recompute: the MLP of the policy's first decoder layer runs twice
+    per step (forward, and the backward's recomputation of the layer), once in the plain run."""
+    from transformers.models.llama import modeling_llama
+
+    from prefopt.trainer import loop
+    policy_mlps, calls = [], []
+    real_build, real_forward = loop.build_model, modeling_llama.LlamaMLP.forward
+
+    def build(cfg, vocab_size):  # before the reference is copied from it: the copy's MLP is another object
+        adapter = real_build(cfg, vocab_size)
+        policy_mlps.append(adapter.module.model.layers[0].mlp)
+        calls.append(0)
+        return adapter
+
+    def forward(self, *args, **kwargs):  # (module hooks would miss the recomputation: torch runs it without them)
+        if self is policy_mlps[-1]:
+            calls[-1] += 1
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "build_model", build)
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", forward)
     _run(tmp_path / "a", max_steps=2, save_steps=0)
     _run(tmp_path / "b", max_steps=2, save_steps=0, gradient_checkpointing=True)
+    assert calls == [2, 4], calls
     assert _losses(tmp_path / "b") == pytest.approx(_losses(tmp_path / "a"), abs=1e-5)

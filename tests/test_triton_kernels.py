@@ -6,6 +6,7 @@ apply the transform with torch.tanh, log_softmax + gather, and get every gradien
 torch.autograd. float64 inputs are compared at 1e-10 (the kernels accumulate in fp64 then);
 bf16/fp16/fp32 inputs against the fp64 reference on the same (rounded) inputs, tolerances stated.
 """
+import math
 import os
 
 import pytest
@@ -318,7 +319,8 @@ def test_linear_low_precision(dtype):
 
 
 def test_linear_large_magnitude():
-    """Logits ~1e4 from the GEMM: finite stats/gradients, close to the reference."""
+    """Logits ~1e4 from the GEMM: finite stats and gradients, each compared with the float64 reference within the
+    error the fp32 GEMMs can make on these inputs."""
     n, H, V = 16, 32, 200
     hidden = torch.randn(n, H)
     weight = torch.randn(V, H) * 2e3
@@ -328,11 +330,37 @@ def test_linear_large_magnitude():
     for t in st:
         assert torch.isfinite(t).all()
     r = ref_linear(hidden, weight, None, labels, 1.0, None, 1.0, g_logp, g_ent)
-    torch.testing.assert_close(st.lse.double(), r[1], atol=0.05, rtol=1e-5)
-    torch.testing.assert_close(st.logp.double(), r[0], atol=0.05, rtol=1e-5)
     gh, gw, gb = linear_logprobs.linear_backward(hidden, weight, None, labels, st.lse, st.entropy, g_logp, g_ent,
                                                  1.0, None, 1.0, None, None, (True, True, False))
     assert gb is None and torch.isfinite(gh).all() and torch.isfinite(gw).all()
+    # An fp32 dot product of length H is within gamma_H = H eps32 of sum_k |h_k w_k| (any summation order), so
+    # every logit is within z_err of the float64 one, and lse / log p (the largest logit, less the lse) within
+    # 2 z_err. Every row's two largest logits stand `gap` apart, far more than that: the softmax is one-hot in
+    # fp32 as in float64, so entropy and log_sum_p2 are e^-gap-small, dlogits is g (onehot(label) - onehot(argmax))
+    # on both sides, and the gradients differ only by the fp32 rounding of the two product GEMMs (one sum of V
+    # terms per grad_hidden entry, of n per grad_weight entry, each after the rounding of D itself).
+    eps32 = torch.finfo(torch.float32).eps
+    h64, w64 = hidden.double(), weight.double()
+    z_err = H * eps32 * float((h64.abs() @ w64.abs().T).max())
+    top2 = (h64 @ w64.T).topk(2, dim=1).values
+    gap = float((top2[:, 0] - top2[:, 1]).min())
+    assert gap > 100 * z_err, (gap, z_err)
+    torch.testing.assert_close(st.lse.double(), r[1], atol=2 * z_err, rtol=0)
+    torch.testing.assert_close(st.logp.double(), r[0], atol=2 * z_err, rtol=0)
+    p_tail = math.exp(-(gap - 2 * z_err))  # the largest probability besides a row's maximum
+    tail = V * (gap + 1) * p_tail  # the V - 1 others' sum of p |log p| (or of p^2)
+    for got, want in ((st.entropy, r[2]), (st.log_sum_p2, r[3])):
+        assert float((got.double() - want).abs().max()) <= tail, (got, want)
+    # |dlogits|: |g| on the label and on the argmax (rounded once), and elsewhere at most
+    # p_tail (|g| + |g_ent| |log p + H|), which fp32 may drop altogether
+    main = torch.zeros(n, V, dtype=torch.float64)
+    main[torch.arange(n), labels] += g_logp.abs().double()
+    main[torch.arange(n), (h64 @ w64.T).argmax(1)] += g_logp.abs().double()
+    rest = (p_tail * (g_logp.double().abs() + g_ent.double().abs() * (gap + 2)))[:, None].expand(n, V)
+    for got, want, bound in ((gh, r[4], (V + 2) * eps32 * (main @ w64.abs()) + rest @ w64.abs()),
+                             (gw, r[5], (n + 2) * eps32 * (main.T @ h64.abs()) + rest.T @ h64.abs())):
+        excess = float(((got.double() - want).abs() / bound).max())
+        assert excess <= 1.0, f"gradient off by {excess:.3g} x its bound"
 
 
 # ----------------------------------------------------------------------------------------------- segment sums

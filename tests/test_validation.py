@@ -1,6 +1,5 @@
 """Every bad input of the public API is a clear ValueError/TypeError raised before any head, row, segment or loss
 kernel runs (a spy on every backend entry point counts the calls), and every option reaches the backends settled."""
-import importlib
 import math
 
 import pytest
@@ -8,41 +7,10 @@ import torch
 
 import prefopt
 from prefopt import _backend
-from prefopt.cpu.chunked import ChunkedHead
-from prefopt.losses import function as loss_function
+from tests._spy import KernelSpy
 
 P, T, H, V = 2, 5, 8, 11
 BACKENDS = ["torch", "cpp", "triton"]
-_ENTRY_POINTS = [
-    ("prefopt.cpu.rowops_torch", "row_forward"), ("prefopt.cpu.rowops_cpp", "row_forward"),
-    ("prefopt.kernels.logprobs", "row_forward"), ("prefopt.kernels.linear_logprobs", "linear_forward"),
-    ("prefopt.cpu.segment_torch", "segment_forward"), ("prefopt.cpu.segment_cpp", "segment_forward"),
-    ("prefopt.kernels.sequence_sums", "segment_forward"), ("prefopt.cpu.losses_cpp", "pair_forward"),
-    ("prefopt.kernels.preference_loss", "pair_forward"),
-]
-
-
-class KernelSpy:
-    """Records (entry point, args, kwargs) of every backend forward: row ops, heads, segment sums, pair losses."""
-
-    def __init__(self, monkeypatch):
-        self.calls = []
-        for module_name, attr in _ENTRY_POINTS:
-            module = importlib.import_module(module_name)
-            monkeypatch.setattr(module, attr, self._wrap(f"{module_name}.{attr}", getattr(module, attr)))
-        monkeypatch.setattr(ChunkedHead, "linear_forward", self._wrap("ChunkedHead.linear_forward",
-                                                                      ChunkedHead.linear_forward))
-        monkeypatch.setattr(loss_function._TorchBackend, "pair_forward",
-                            staticmethod(self._wrap("torch_pair_forward", loss_function.torch_pair_forward)))
-
-    def _wrap(self, name, fn):
-        def spy(*args, **kwargs):
-            self.calls.append((name, args, kwargs))
-            return fn(*args, **kwargs)
-        return spy
-
-    def named(self, suffix):
-        return [c for c in self.calls if c[0].endswith(suffix)]
 
 
 @pytest.fixture

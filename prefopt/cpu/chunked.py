@@ -357,7 +357,8 @@ class ChunkedHead:
                 for tile_rows, blocks in groups:
                     # part: the group's gradient columns; where: their vocabulary entries (weight rows), a slice or
                     # int64 indices; w_part: those weight rows
-                    sub = tile[tile_rows]
+                    all_rows = tile_rows == slice(None)  # no view ops then: the exact path issues what it did
+                    sub = tile if all_rows else tile[tile_rows]
                     if blocks is None:  # every column
                         part, where = sub, entries
                         w_part = w_block if w_block is not None else (
@@ -383,10 +384,10 @@ class ChunkedHead:
                         else:  # only the rows of the group's columns, from the block's own copy when there is one
                             source, at = (weight, where) if w_block is None else (w_block, columns)
                             w_part = torch.index_select(source, 0, at, out=scratch.get("kept rows", len(where), weight))
-                    h_part = h_rows[tile_rows]
+                    h_part = h_rows if all_rows else h_rows[tile_rows]
                     grad_part = part if part.dtype == hidden.dtype else part.to(hidden.dtype)
                     if need_h:
-                        out_rows = grad_hidden[rows][tile_rows]
+                        out_rows = grad_hidden[rows] if all_rows else grad_hidden[rows][tile_rows]
                         if write_whole:
                             torch.matmul(grad_part, w_part, out=out_rows)
                         elif grad_part.dtype == acc:

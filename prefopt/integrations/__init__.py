@@ -6,11 +6,13 @@
   fused path (one-line switch).
 * `prefopt.integrations.liger` - Liger-Kernel's chunked preference losses (DPO, ORPO, SimPO, CPO, KTO) with
   Liger's names, argument order and return structure, on prefopt's fused head (swap one import).
+* `prefopt.integrations.adapters` - LoRA on the LM head: the fused head on augmented operands (no logits).
+* `prefopt.integrations.moe` - the mixture-of-experts router load-balancing loss, as TRL adds it.
 * `prefopt.integrations.tiny` - tiny random HF models and a local tokenizer (tests, examples, smoke runs).
 """
 import importlib
 
-__all__ = ["transformers", "trl", "liger", "tiny"]
+__all__ = ["transformers", "trl", "liger", "adapters", "moe", "tiny"]
 
 
 def __getattr__(name):

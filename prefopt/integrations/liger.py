@@ -142,6 +142,18 @@ def liger_fused_linear_cpo(_input, weight, target, bias=None, ignore_index=-100,
     return loss, aux
 
 
+def _liger_kl(kl):
+    """Liger's KTO subtracts `kl` from every example's log-ratio by broadcasting, so one KL of shape (1,) (what
+    Liger's own tests pass) is the batch's KL, as a 0-dim one is. A per-example KL is refused: Liger applies it
+    chunk by chunk, where a (B,) tensor does not line up with the examples."""
+    if isinstance(kl, torch.Tensor) and kl.dim() > 0:
+        if tuple(kl.shape) != (1,):
+            raise ValueError(f"liger_fused_linear_kto: kl must be one KL for the batch (a float, a 0-dim tensor or "
+                             f"shape (1,)), got shape {tuple(kl.shape)}")
+        return kl.reshape(())
+    return kl
+
+
 def liger_fused_linear_kto(_input, weight, target, preference_labels, bias=None, ref_input=None, ref_weight=None,
                            ref_bias=None, kl=None, ignore_index=-100, beta=0.1, compiled=True, use_ref_model=True,
                            average_log_prob=False, chunk_size=1):
@@ -151,7 +163,7 @@ def liger_fused_linear_kto(_input, weight, target, preference_labels, bias=None,
     logps, _, _ = _sequence_logps(_input, weight, target, bias, ignore_index, average_log_prob)
     ref = _reference_logps(ref_input if use_ref_model else None, ref_weight, ref_bias, target, ignore_index,
                            average_log_prob, logps.detach())
-    loss, _ = prefopt.kto_loss(logps, ref, preference_labels, beta=beta, kl=kl,
+    loss, _ = prefopt.kto_loss(logps, ref, preference_labels, beta=beta, kl=_liger_kl(kl),
                                loss_type="kto" if kl is not None else "apo_zero_unpaired")
     lab = preference_labels
     rewards = beta * (logps.detach() - ref)

@@ -9,8 +9,11 @@ no `[tokens, vocab]` buffer), with the logit transform the model applies read fr
     z = x / temperature
 
 Works on plain `PreTrainedModel`s, PEFT-wrapped models (`PeftModel`: the base model with its adapters active;
-inside `model.disable_adapter()` the reference), DDP / DataParallel / torch.compile wrappers, and with gradient
-checkpointing enabled (it lives in the decoder layers, which the backbone call runs).
+inside `model.disable_adapter()` the reference; LoRA on the LM head itself runs on augmented operands,
+`prefopt.integrations.adapters`), vision-language models (image inputs go to the backbone with the text; the head
+runs on the language model's hidden states), mixture-of-experts models (the router load-balancing loss on request,
+`prefopt.integrations.moe`), DDP / DataParallel / torch.compile wrappers, and with gradient checkpointing enabled
+(it lives in the decoder layers, which the backbone call runs).
 
 Sharded engines (FSDP1, FSDP2 `fully_shard`, DeepSpeed ZeRO-3) gather a module's parameters in that module's
 forward hooks, so nothing here reads a parameter outside a forward: `install_prefopt_forward` patches the
@@ -31,9 +34,11 @@ import torch
 from transformers.utils import ModelOutput
 
 import prefopt
+from prefopt.integrations import adapters, moe
+from prefopt.versions import check_tested
 
-__all__ = ["HeadSpec", "head_of", "last_hidden_states", "shift_labels", "token_logps", "sequence_logps",
-           "packed_cu_seqlens", "head_inputs", "unwrap_model", "backbone_of", "is_peft_model",
+__all__ = ["HeadSpec", "head_of", "head_operands", "last_hidden_states", "shift_labels", "token_logps",
+           "sequence_logps", "packed_cu_seqlens", "head_inputs", "unwrap_model", "backbone_of", "is_peft_model",
            "install_prefopt_forward", "PrefoptOutput", "lm_head_module", "logit_transform"]
 
 
@@ -106,20 +111,15 @@ def backbone_of(model):
 def lm_head_module(model):
     """The module that plays `lm_head` now: the output embeddings, or PEFT's active `modules_to_save` copy.
 
-    Resolved at call time: inside `peft_model.disable_adapter()` it is the original head.
+    Resolved at call time: inside `peft_model.disable_adapter()` it is the original head. A PEFT LoRA layer on
+    the head (`target_modules=[..., "lm_head"]`) is returned as it is (`prefopt.integrations.adapters` runs it);
+    any other tuner layer there raises a ValueError.
     """
     model = unwrap_model(model)
     lm_head = model.get_output_embeddings()
     if lm_head is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings (LM head)")
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # pragma: no cover
-        BaseTunerLayer = ()
-    if BaseTunerLayer and isinstance(lm_head, BaseTunerLayer):
-        raise ValueError("a PEFT adapter on `lm_head` is not supported: prefopt reads `lm_head.weight` directly, so "
-                         "the adapter would be ignored. Remove 'lm_head' from `target_modules` (use "
-                         "`modules_to_save=['lm_head']` to train the head)")
+    adapters.check_head_adapter(lm_head)  # LoRA runs on augmented operands; other tuner layers raise here
     if hasattr(lm_head, "modules_to_save") and hasattr(lm_head, "active_adapters"):  # PEFT ModulesToSaveWrapper
         active = lm_head.active_adapters
         lm_head = lm_head.modules_to_save[active[0]] if active and not lm_head.disable_adapters and \
@@ -152,30 +152,74 @@ def head_of(model) -> HeadSpec:
 
     Reads the head's parameters as they are now: under a sharded engine (FSDP, ZeRO-3) call it only inside the
     model's forward (`install_prefopt_forward` does); outside, the weight may be a shard.
+    A head with an active LoRA adapter is no (weight, bias) pair: ValueError, use `head_operands` (its base head,
+    e.g. inside `disable_adapter()` or after `merge_adapter()`, is returned as usual).
     """
     lm_head = lm_head_module(model)
+    if adapters.adapter_active(lm_head):
+        raise ValueError("the LM head carries an active LoRA adapter, so its logits are not hidden @ weight.T: use "
+                         "head_operands(model, hidden) (augmented operands for prefopt.linear_logprobs) or the "
+                         "model-level calls (token_logps, sequence_logps), which apply it")
+    return _head_spec(model, lm_head)
+
+
+def _head_spec(model, lm_head):
     softcap, scale = logit_transform(model)
     return HeadSpec(lm_head.weight, getattr(lm_head, "bias", None), softcap, scale)
 
 
-def last_hidden_states(model, input_ids, attention_mask=None, position_ids=None, **backbone_kwargs):
+def head_operands(model, hidden) -> "adapters.HeadOperands":
+    """The operands of the LM head as it acts now on `hidden` (`prefopt.integrations.adapters.HeadOperands`): with
+    active LoRA adapters on the head, the hidden states gain the adapters' inputs and the weight a second column
+    block; run `prefopt.linear_logprobs(ops.hidden, ops.weight, labels, **ops.head_kwargs())`. The logit transform
+    is `logit_transform(model)`. Same sharding caveat as `head_of`.
+    """
+    lm_head = lm_head_module(model)
+    return _head_operands(hidden, _head_spec(model, lm_head), lm_head)
+
+
+def _head_operands(hidden, spec: HeadSpec, module=None):
+    """`head_inputs`, then the low-rank terms of the adapters on `module` (if any) appended to the operands."""
+    if hidden.device != spec.weight.device:
+        hidden = hidden.to(spec.weight.device)
+    base_hidden, weight, bias = head_inputs(hidden, spec)
+    terms = adapters.low_rank_terms(module, hidden) if module is not None else []
+    return adapters.augment(base_hidden, weight, bias, terms)
+
+
+def last_hidden_states(model, input_ids, attention_mask=None, position_ids=None, *, return_router_aux_loss=False,
+                       **backbone_kwargs):
     """Run only the backbone: `[B, T]` input_ids -> `[B, T, H]` last hidden states (final norm applied).
 
     Runs inside `model(...)` (the patched forward, see `install_prefopt_forward`), so sharded engines gather
     the parameters. Padding-free input: one row `[1, N]` of concatenated sequences with `position_ids`
     restarting at 0 for each sequence and `attention_mask=None` (transformers then builds the block-diagonal
-    causal mask).
+    causal mask). Other keywords go to the backbone (a vision-language model's image inputs).
+    `return_router_aux_loss=True` (mixture-of-experts models): returns `(hidden, aux_loss)`, the router
+    load-balancing loss of this forward, unweighted (`prefopt.integrations.moe`).
     """
     install_prefopt_forward(model)
-    return _call_target(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               prefopt={"hidden_only": True}, **backbone_kwargs).hidden_states
+    out = _call_target(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              prefopt={"hidden_only": True, "router_aux_loss": return_router_aux_loss},
+                              **backbone_kwargs)
+    return (out.hidden_states, out.aux_loss) if return_router_aux_loss else out.hidden_states
 
 
 def _backbone_hidden(model, input_ids, attention_mask=None, position_ids=None, **backbone_kwargs):
     """The backbone call itself (run inside the model's forward)."""
+    return _last_hidden(_backbone_outputs(model, input_ids, attention_mask, position_ids, **backbone_kwargs))
+
+
+def _backbone_outputs(model, input_ids, attention_mask=None, position_ids=None, **backbone_kwargs):
+    """The backbone's whole output (last hidden states, and router logits when asked). Extra keywords (a
+    vision-language model's `pixel_values`, `image_grid_thw`, `pixel_attention_mask`, `image_sizes`,
+    `token_type_ids`, ...) go to the backbone, which merges the image features into the sequence."""
     backbone = backbone_of(model)
-    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False, **backbone_kwargs)
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    **backbone_kwargs)
+
+
+def _last_hidden(outputs):
     return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
 
 
@@ -294,7 +338,9 @@ class PrefoptOutput(ModelOutput):
 
     `log_probs` [B, T] (position t scores token t + 1; 0 where not a completion token), `labels`, `label_mask`,
     the requested extras (`entropy`, `log_sum_sq_probs`, `mean_logits`, `is_top1`, 0 / False where ignored),
-    or only `hidden_states` (the last hidden states) for a `{"hidden_only": True}` request.
+    or only `hidden_states` (the last hidden states) for a `{"hidden_only": True}` request. `aux_loss`: the
+    mixture-of-experts load-balancing loss (unweighted) for a `{"router_aux_loss": True}` request
+    (`prefopt.integrations.moe`).
     """
     log_probs: torch.Tensor | None = None
     labels: torch.Tensor | None = None
@@ -304,6 +350,7 @@ class PrefoptOutput(ModelOutput):
     mean_logits: torch.Tensor | None = None
     is_top1: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 def _call_target(model):
@@ -315,13 +362,19 @@ def _call_target(model):
 
 
 @torch.no_grad()
-def _logit_stats(hidden, weight, bias, labels, softcap, logit_scale, temperature):
-    """Mean transformed logit and is-argmax of each labelled row (no grad; one extra forward GEMM, tiled)."""
+def _logit_stats(hidden, weight, bias, labels, softcap, logit_scale, temperature, extra_weight=None):
+    """Mean transformed logit and is-argmax of each labelled row (no grad; one extra forward GEMM, tiled).
+    `extra_weight`: the weight's second column block (LoRA on the head), applied to hidden's last columns."""
     weight, bias = weight.detach(), None if bias is None else bias.detach()
+    width = weight.shape[1]
     rows = max(1, _STATS_TILE_BYTES // (4 * weight.shape[0]))
     means, top1 = [], []
     for start in range(0, hidden.shape[0], rows):
-        z = torch.nn.functional.linear(hidden[start:start + rows].to(weight.dtype), weight, bias).float()
+        tile = hidden[start:start + rows].to(weight.dtype)
+        z = torch.nn.functional.linear(tile[:, :width], weight, bias)
+        if extra_weight is not None:
+            z = z + torch.nn.functional.linear(tile[:, width:], extra_weight.detach())
+        z = z.float()
         z = z * logit_scale
         if softcap:
             z = softcap * torch.tanh(z / softcap)
@@ -331,22 +384,23 @@ def _logit_stats(hidden, weight, bias, labels, softcap, logit_scale, temperature
     return torch.cat(means), torch.cat(top1)
 
 
-def _fused_head(hidden, spec: HeadSpec, labels, request):
-    """The fused head on `spec`'s tensors: [logps, (entropy), (log_sum_p2), (mean_logits, is_top1)]."""
-    hidden, weight, bias = head_inputs(hidden, spec)
+def _fused_head(hidden, spec: HeadSpec, labels, request, module=None):
+    """The fused head on `spec`'s tensors (and the LoRA adapters of the head `module`, if any):
+    [logps, (entropy), (log_sum_p2), (mean_logits, is_top1)]."""
+    operands = _head_operands(hidden, spec, module)
+    hidden, weight, bias = operands.hidden, operands.weight, operands.bias
     labels = labels.to(weight.device)
     ignore_index = request.get("ignore_index", -100)
     temperature = float(request.get("temperature", 1.0))
-    out = prefopt.linear_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature,
+    out = prefopt.linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, temperature=temperature,
                                   softcap=spec.softcap, logit_scale=spec.logit_scale,
-                                  chunk_size=request.get("chunk_size"),
-                                  return_entropy=bool(request.get("entropy")),
-                                  return_log_sum_p2=bool(request.get("log_sum_p2")))
+                                  chunk_size=request.get("chunk_size"), return_entropy=bool(request.get("entropy")),
+                                  return_log_sum_p2=bool(request.get("log_sum_p2")), **operands.head_kwargs())
     out = list(out) if isinstance(out, tuple) else [out]
     if request.get("logit_stats"):
         mask = labels != ignore_index
         mean_rows, top1_rows = _logit_stats(hidden.detach()[mask], weight, bias, labels[mask], spec.softcap,
-                                            spec.logit_scale, temperature)
+                                            spec.logit_scale, temperature, operands.extra_weight)
         mean_logits = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
         mean_logits[mask] = mean_rows
         is_top1 = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
@@ -362,7 +416,7 @@ def _head_forward(self, *args, prefopt=None, **kwargs):
     hidden = args[0] if args else kwargs.pop("input")
     spec = HeadSpec(self.weight, getattr(self, "bias", None), prefopt.get("softcap"),
                     float(prefopt.get("logit_scale", 1.0)))
-    return tuple(_fused_head(hidden, spec, prefopt["labels"], prefopt))
+    return tuple(_fused_head(hidden, spec, prefopt["labels"], prefopt, module=self))
 
 
 def _model_forward(self, *args, prefopt=None, **kwargs):
@@ -376,9 +430,14 @@ def _model_forward(self, *args, prefopt=None, **kwargs):
     input_ids = args[0] if args else kwargs.pop("input_ids")
     attention_mask = kwargs.pop("attention_mask", None)
     position_ids = kwargs.pop("position_ids", None)
-    hidden = _backbone_hidden(self, input_ids, attention_mask, position_ids, **kwargs)
+    router_aux = bool(prefopt.get("router_aux_loss"))
+    if router_aux:
+        kwargs["output_router_logits"] = True
+    outputs = _backbone_outputs(self, input_ids, attention_mask, position_ids, **kwargs)
+    hidden = _last_hidden(outputs)
+    aux = {"aux_loss": moe.router_aux_loss(self, outputs, attention_mask)} if router_aux else {}
     if prefopt.get("hidden_only"):
-        return PrefoptOutput(hidden_states=hidden)
+        return PrefoptOutput(hidden_states=hidden, **aux)
     ignore_index = prefopt.get("ignore_index", -100)
     labels = shift_labels(input_ids, prefopt.get("completion_mask"), ignore_index, position_ids=position_ids)
     softcap, scale = logit_transform(self)
@@ -395,7 +454,7 @@ def _model_forward(self, *args, prefopt=None, **kwargs):
         fields["log_sum_sq_probs"] = out.pop(0)
     if prefopt.get("logit_stats"):
         fields["mean_logits"], fields["is_top1"] = out
-    return PrefoptOutput(**fields)
+    return PrefoptOutput(**fields, **aux)
 
 
 def _innermost(module):
@@ -418,12 +477,17 @@ def install_prefopt_forward(model):
     """Patch the forward of the transformers model inside `model` (idempotent; returns the patched module).
 
     `model(input_ids=..., attention_mask=..., prefopt={"completion_mask": m, "entropy": bool, "log_sum_p2": bool,
-    "logit_stats": bool, "temperature": t, "ignore_index": i, "chunk_size": c})` then returns a `PrefoptOutput`
-    with per-token `log_probs` [B, T], `labels`, `label_mask` and the requested extras, without logits; the
+    "logit_stats": bool, "router_aux_loss": bool, "temperature": t, "ignore_index": i, "chunk_size": c})` then
+    returns a `PrefoptOutput` with per-token `log_probs` [B, T], `labels`, `label_mask` and the requested extras,
+    without logits (other keywords, e.g. a vision-language model's image inputs, go to the backbone); the
     backbone runs as the model's forward would run it and the head as a call of the LM head module (patched
     likewise on first use). Without the `prefopt` keyword the forward is the previous one (generation and
     every other caller unchanged).
     """
     target = unwrap_model(model)
+    if not target.__dict__.get("_prefopt_forward_installed", False):
+        # the patch reads the model through public transformers API only (output embeddings, the backbone
+        # prefix, ModelOutput); a transformers outside the tested range still gets one line saying so
+        check_tested("transformers", "prefopt's HF integration")
     _patch_forward(target, _model_forward, "_prefopt_forward_installed")
     return target

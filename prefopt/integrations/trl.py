@@ -12,8 +12,16 @@ the per-sequence sums (and LD-DPO weights) through `prefopt.sequence_logps`, and
 `prefopt.preference_loss` (the loss table). Honoured from `DPOConfig`: `loss_type` (str or list) with
 `loss_weights`, `beta`, `label_smoothing`, `f_divergence_type` / `f_alpha_divergence_coef`, `discopop_tau`,
 `use_weighting` (WPO), `ld_alpha` (LD-DPO), `precompute_ref_log_probs` (/ `precompute_ref_batch_size`),
-`rpo_alpha` (older TRL; TRL 1.x spells it `loss_type=[..., "sft"]`), an explicit `ref_model`, and PEFT models
-(reference = adapter disabled, or the "ref" adapter when re-training a loaded one). Metrics keep TRL's names.
+`rpo_alpha` (older TRL; TRL 1.x spells it `loss_type=[..., "sft"]`), an explicit `ref_model`, PEFT models
+(reference = adapter disabled, or the "ref" adapter when re-training a loaded one), mixture-of-experts models
+(`router_aux_loss_coef`: the router load-balancing loss added as TRL adds it, `prefopt.integrations.moe`) and
+vision-language batches (every input TRL's collator adds, `pixel_values`, `image_grid_thw`, ..., goes to the
+backbone; the fused head runs on the language model's hidden states). Metrics keep TRL's names.
+
+Beyond TRL: LoRA on the LM head (`target_modules=[..., "lm_head"]`), which TRL's constructor refuses, runs on the
+fused head with augmented operands (`prefopt.integrations.adapters`, exact: gradients reach the adapter).
+`PrefoptDPOTrainer` lets such a model through TRL's constructor; `patch_dpo_trainer` cannot (the TRL trainer it
+patches was never built).
 
 The override point is `DPOTrainer._compute_loss` (everything `compute_loss`, `training_step`, `evaluate` and
 `prediction_step` go through) and `compute_ref_log_probs` (the precompute pass). The policy and the reference
@@ -23,24 +31,74 @@ normal forward: under FSDP (accelerate's `fully_shard` per decoder layer + root)
 the embeddings, each layer and the LM head (called as a module, with its own hooks), and the head's gradient
 is computed inside the forward and lands on the sharded parameters.
 
-Batches TRL's collator builds that prefopt does not handle (vision inputs, MoE router aux loss, prompt-learning
-PEFT) fall back to TRL's own `_compute_loss` with a one-time warning.
+Prompt-learning PEFT (prefix / prompt tuning: virtual tokens around the backbone) falls back to TRL's own
+`_compute_loss` with a one-time warning; everything else runs on prefopt's path.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import warnings
 
 import torch
 from trl import DPOTrainer
 
 import prefopt
-from prefopt.weights import ld_dpo_token_weights, wpo_pair_weights
+from prefopt.integrations import adapters
 from prefopt.integrations.transformers import install_prefopt_forward, is_peft_model, unwrap_model
+from prefopt.versions import TESTED, check_tested, installed_version
+from prefopt.weights import ld_dpo_token_weights, wpo_pair_weights
 
-__all__ = ["PrefoptDPOTrainer", "PrefoptDPOMixin", "patch_dpo_trainer", "install_prefopt_forward"]
+__all__ = ["PrefoptDPOTrainer", "PrefoptDPOMixin", "patch_dpo_trainer", "install_prefopt_forward",
+           "check_trl_internals", "TRLVersionError"]
 
-_TEXT_KEYS = frozenset({"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
+# batch keys that are not model inputs (TRL's `_non_model_keys`); every other key goes to the model's forward
+_NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
+
+# What the drop-in relies on inside TRL, checked before training starts (`check_trl_internals`): the private
+# methods it overrides (with the parameters it is called with), the helpers it imports, and the trainer
+# attributes it reads. The TRL versions it is tested with are prefopt.versions.TESTED["trl"].
+_OVERRIDDEN = {"_compute_loss": ("model", "inputs", "return_outputs"), "compute_ref_log_probs": ("model", "inputs")}
+_HELPERS = (("trl.trainer.utils", "use_adapter"), ("trl.models.utils", "disable_gradient_checkpointing"))
+_TRAINER_ATTRS = ("args", "accelerator", "model", "ref_model", "beta", "loss_types", "loss_weights",
+                  "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef", "use_weighting", "ld_alpha",
+                  "precompute_ref_logps", "_metrics", "_total_train_tokens", "aux_loss_enabled",
+                  "router_aux_loss_coef")
+
+
+class TRLVersionError(RuntimeError):
+    """The installed TRL lacks something the drop-in overrides or reads (outside the tested range)."""
+
+
+def _missing_internals(trainer=None):
+    missing = []
+    for name, params in _OVERRIDDEN.items():
+        method = getattr(DPOTrainer, name, None)
+        if not callable(method):
+            missing.append(f"DPOTrainer.{name}")
+            continue
+        have = list(inspect.signature(method).parameters)[1:]
+        if have[:len(params)] != list(params):
+            missing.append(f"DPOTrainer.{name}({', '.join(params)}) (this TRL has ({', '.join(have)}))")
+    for module, name in _HELPERS:
+        try:
+            getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            missing.append(f"{module}.{name}")
+    if trainer is not None:
+        missing += [f"DPOTrainer.{attr}" for attr in _TRAINER_ATTRS if not hasattr(trainer, attr)]
+    return missing
+
+
+def check_trl_internals(trainer=None):
+    """Before training: one warning line if TRL is outside the tested range; a `TRLVersionError` naming what is
+    missing if the methods the drop-in overrides (or the attributes it reads, given a `trainer`) are gone."""
+    check_tested("trl", "prefopt's TRL drop-in")
+    missing = _missing_internals(trainer)
+    if missing:
+        raise TRLVersionError(f"prefopt's TRL drop-in needs {'; '.join(missing)}, which trl "
+                              f"{installed_version('trl')} does not have (tested with trl {TESTED['trl']})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -49,16 +107,17 @@ _TEXT_KEYS = frozenset({"input_ids", "attention_mask", "completion_mask", "ref_c
 class PrefoptDPOMixin:
     """Overrides of `trl.DPOTrainer` (see the module docstring). Mix in before `DPOTrainer`."""
 
+    def __init__(self, *args, **kwargs):
+        check_trl_internals()  # before TRL's constructor (which may already run the reference precompute)
+        super().__init__(*args, **kwargs)
+        check_trl_internals(self)
+
     #: log TRL's `logits/chosen`, `logits/rejected` and `mean_token_accuracy` (exact; costs one extra no-grad
     #: forward GEMM over the completion tokens). False skips that pass and logs NaN for them.
     prefopt_logits_metrics = True
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _prefopt_supported(self, inputs):
-        if getattr(self, "aux_loss_enabled", False) or getattr(self, "_is_vlm", False):
-            return False
-        if not set(inputs) <= _TEXT_KEYS:
-            return False
         try:
             unwrap_model(self.model)
         except NotImplementedError:  # prompt-learning PEFT
@@ -68,9 +127,8 @@ class PrefoptDPOMixin:
     def _prefopt_fallback_warning(self, inputs):
         if not getattr(self, "_prefopt_warned", False):
             self._prefopt_warned = True
-            warnings.warn("prefopt: this batch/model is not supported by the fused path (vision inputs, MoE router "
-                          f"aux loss or prompt-learning PEFT; batch keys {sorted(inputs)}); using TRL's own loss",
-                          stacklevel=3)
+            warnings.warn("prefopt: prompt-learning PEFT adapters (prefix / prompt tuning) are not supported by the "
+                          "fused path; using TRL's own loss", stacklevel=3)
 
     def _prefopt_peft_reference(self):
         """Context that turns the PEFT policy into the reference (adapter disabled, or the 'ref' adapter)."""
@@ -93,8 +151,7 @@ class PrefoptDPOMixin:
         # accelerate wraps `model.forward` in autocast at prepare time; the patched forward may sit outside that
         # wrapper (installed later), so the trainer's mixed-precision context is applied here as well
         with self.accelerator.autocast():
-            return model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                         use_cache=False, prefopt=request)
+            return model(**_model_inputs(inputs), use_cache=False, prefopt=request)
 
     # ---- reference -----------------------------------------------------------------------------------------
     def compute_ref_log_probs(self, model, inputs):
@@ -132,8 +189,9 @@ class PrefoptDPOMixin:
         install_prefopt_forward(model)
         completion_mask = inputs["completion_mask"]
         logit_stats = bool(self.prefopt_logits_metrics)
+        aux_loss_enabled = bool(self.aux_loss_enabled)
         out = self._prefopt_forward(model, inputs, entropy=True, log_sum_p2=bool(self.use_weighting),
-                                    logit_stats=logit_stats)
+                                    logit_stats=logit_stats, router_aux_loss=aux_loss_enabled)
         per_token, label_mask = out.log_probs, out.label_mask
         logps = self._prefopt_sequence_logps(per_token, label_mask)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)
@@ -169,6 +227,9 @@ class PrefoptDPOMixin:
                 loss_weights=group_weights, label_smoothing=label_smoothing, chosen_nll=group_nll,
                 rpo_alpha=group_rpo, **common)
             loss = loss + group_loss
+        if aux_loss_enabled:  # MoE load balancing, weighted and logged as TRL does
+            loss = loss + self.router_aux_loss_coef * out.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(out.aux_loss).mean().item())
 
         self._prefopt_log_metrics(mode, inputs, out, label_mask, n_pairs, chosen_logps, rejected_logps,
                                   ref_chosen_logps, ref_rejected_logps, logit_stats)
@@ -176,8 +237,7 @@ class PrefoptDPOMixin:
             warnings.warn("`return_outputs=True` recomputes the logits with an extra forward pass (as TRL does)",
                           stacklevel=2)
             with torch.no_grad():
-                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                                use_cache=False)
+                outputs = model(**_model_inputs(inputs), use_cache=False)
             return loss, outputs
         return loss
 
@@ -220,6 +280,11 @@ class PrefoptDPOMixin:
         metrics["logps/rejected"].append(acc.gather(rejected_logps.detach()).mean().item())
 
 
+def _model_inputs(inputs):
+    """The batch keys the model's forward takes (text and, for vision-language models, image inputs)."""
+    return {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+
+
 def _trl_label_smoothing_groups(loss_types, loss_weights, label_smoothing):
     """Split a TRL loss list into (types, weights, label_smoothing) groups for `prefopt.preference_loss`.
 
@@ -240,6 +305,41 @@ def _trl_label_smoothing_groups(loss_types, loss_weights, label_smoothing):
 class PrefoptDPOTrainer(PrefoptDPOMixin, DPOTrainer):
     """`trl.DPOTrainer` on prefopt's fused path: same constructor, same `DPOConfig`, TRL's metric names."""
 
+    def __init__(self, *args, **kwargs):
+        with _lora_head_allowed():
+            super().__init__(*args, **kwargs)
+
+
+class _HeadAdapterCheck(type):
+    """Stands in for `BaseTunerLayer` in TRL's constructor check "a PEFT adapter on lm_head is refused": prefopt's
+    own check runs instead (LoRA passes; any other adapter on the head raises prefopt's ValueError)."""
+
+    def __instancecheck__(cls, module):
+        adapters.check_head_adapter(module)
+        return False
+
+
+class _NoHeadAdapter(metaclass=_HeadAdapterCheck):
+    pass
+
+
+@contextlib.contextmanager
+def _lora_head_allowed():
+    """TRL 1.16's constructor refuses a PEFT layer on `lm_head` (its fused head reads `lm_head.weight`); prefopt's
+    head applies LoRA there, so during construction that one check (`isinstance(..., BaseTunerLayer)` in
+    trl/trainer/dpo_trainer.py, its only use there) sees prefopt's check instead."""
+    import trl.trainer.dpo_trainer as dpo_module
+
+    original = getattr(dpo_module, "BaseTunerLayer", None)
+    if original is None:  # peft not installed: TRL has no such check
+        yield
+        return
+    dpo_module.BaseTunerLayer = _NoHeadAdapter
+    try:
+        yield
+    finally:
+        dpo_module.BaseTunerLayer = original
+
 
 _PATCHED_CLASSES = {}
 
@@ -253,6 +353,7 @@ def patch_dpo_trainer(trainer, *, logits_metrics=True):
     """
     if not isinstance(trainer, DPOTrainer):
         raise TypeError(f"patch_dpo_trainer expects a trl.DPOTrainer, got {type(trainer).__name__}")
+    check_trl_internals(trainer)
     cls = type(trainer)
     if not issubclass(cls, PrefoptDPOMixin):
         if cls not in _PATCHED_CLASSES:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from prefopt import _validation as check
-from prefopt._options import LossOptions
+from prefopt._options import LossOptions, PairLossParams
 from prefopt.losses.function import PreferencePairFunction
 from prefopt.losses.table import DIVERGENCES, DPO_LOSSES, REF_FREE_LOSSES, TABLE, PairSpec, TorchOps, _orpo_log_odds, \
     make_params
@@ -126,7 +126,7 @@ def settled_preference_loss(opts: LossOptions, chosen_logps, rejected_logps, ref
     pair_names = [n for n in names if TABLE[n].kind != "none"]
     if pair_names:
         loss, _ = PreferencePairFunction.apply(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                                               spec, params, extras, ct)
+                                               PairLossParams(spec, params, extras, ct))
     else:
         loss = chosen_logps.new_zeros((), dtype=ct)
 
@@ -193,8 +193,8 @@ def kto_loss(policy_logps, ref_logps, labels_desirable, kl_policy_logps=None, kl
     w = torch.where(lab, one * wd, one * wu)  # not where(lab, wd, wu): python scalars would round to float32
     spec = PairSpec(losses=("kto",), divergence="reverse_kl", has_ref=True, has_len=False, has_w=True)
     params = make_params(ct, device, beta=beta, kl=kl, loss_weights=(1.0,))
-    loss, _ = PreferencePairFunction.apply(policy_logps, None, ref_logps, None, spec, params,
-                                           {"s": sign, "w": w}, ct)
+    loss, _ = PreferencePairFunction.apply(policy_logps, None, ref_logps, None,
+                                           PairLossParams(spec, params, {"s": sign, "w": w}, ct))
     x = (policy_logps.detach().to(ct) - ref_logps.detach().to(ct))
     rewards = beta * x
     lp = policy_logps.detach().to(ct)

@@ -21,6 +21,7 @@ import importlib
 import torch
 
 from prefopt._backend import resolve
+from prefopt._options import PairLossParams
 from prefopt.losses.table import PairSpec, TorchOps, pair_terms, params_view
 
 _DIFF = ("pc", "pr", "rc", "rr")
@@ -65,12 +66,14 @@ def _scatter(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class PreferencePairFunction(torch.autograd.Function):
     """(pc, pr, rc, rr) [P] (pr/rc/rr may be None) -> (mean over pairs of the per-pair loss [scalar], per-pair loss [P])
 
-    extras: non-differentiable per-pair tensors {"ilc", "ilr", "w", "s"} (already in the compute dtype).
-    The per-pair loss output is non-differentiable (metrics only).
+    options: `PairLossParams` (prefopt/_options.py): the spec, the parameter vector, the non-differentiable per-pair
+    tensors {"ilc", "ilr", "w", "s"} (already in the compute dtype) and the compute dtype, settled by
+    prefopt/losses/api.py. The per-pair loss output is non-differentiable (metrics only).
     """
 
     @staticmethod
-    def forward(ctx, pc, pr, rc, rr, spec: PairSpec, params, extras: dict, compute_dtype):
+    def forward(ctx, pc, pr, rc, rr, options: PairLossParams):
+        spec, params, extras, compute_dtype = options.spec, options.params, options.extras, options.compute_dtype
         inputs = {"pc": pc, "pr": pr, "rc": rc, "rr": rr}
         impl = loss_impl(pc.device)
         x = {k: v.to(compute_dtype) for k, v in inputs.items() if v is not None}
@@ -124,9 +127,9 @@ class PreferencePairFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_pp):
         if grad_loss is None:
-            return (None,) * 8
+            return None, None, None, None, None
         saved = ctx.saved_tensors
         out = []
         for k, s, need in zip(_DIFF, saved, ctx.needs_input_grad[:4]):
             out.append(ctx.impl.backward_scale(s, grad_loss, ctx.dtypes[k]) if (need and s is not None) else None)
-        return (*out, None, None, None, None)
+        return (*out, None)

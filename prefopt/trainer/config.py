@@ -79,6 +79,9 @@ class TrainConfig:
     """KTO: weight of the undesirable examples' loss."""
     temperature: float = 1.0
     """Divide the logits by this before the log-softmax (policy and reference)."""
+    router_aux_loss_coef: Optional[float] = None
+    """Mixture-of-experts models: weight of the router load-balancing loss added to the loss (TRL's
+    router_aux_loss_coef); null: the model config's own coefficient; 0: off."""
 
     # ---- data ------------------------------------------------------------------------------------------
     max_length: Optional[int] = 1024
@@ -210,6 +213,7 @@ class TrainConfig:
         "warmup_steps": (0, None, True, True), "save_total_limit": (0, None, True, True),
         "seed": (0, 2 ** 32 - 1, True, True), "max_steps": (None, None, True, True),
         "max_length": (2, None, True, True), "max_prompt_length": (1, None, True, True),
+        "router_aux_loss_coef": (None, None, True, True),
     }
 
     def _check_numbers(self, types):

@@ -35,8 +35,8 @@ from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer.config import NonFiniteError, PrefoptInputError, TrainConfig, as_jsonable, resume_mismatch
 from prefopt.trainer.data import (DEFAULT_DATASET, DEFAULT_TOKENIZER, IGNORE_INDEX, collate, epoch_order,
                                   load_dataset, load_tokenizer)
-from prefopt.trainer.model import (PrecomputedReference, as_adapter, build_model, data_fingerprint,
-                                   make_reference, state_hash)
+from prefopt.trainer.model import (PrecomputedReference, as_adapter, build_model, configure_router_aux_loss,
+                                   data_fingerprint, head_operands, make_reference, state_hash)
 
 REF_FREE = ("simpo", "cpo", "cpo_hinge", "cpo_ipo", "orpo")
 REF_CACHE = "ref_logps.pt"
@@ -155,6 +155,7 @@ class Trainer:
         self.adapter = as_adapter(model) if model is not None else build_model(cfg, self.tokenizer.vocab_size)
         self.module = self.adapter.module.to(self.device)
         weight, _ = self.adapter.output_head()
+        self.router_aux_coef = configure_router_aux_loss(self.adapter, cfg.router_aux_loss_coef)
         if weight.shape[0] < self.tokenizer.vocab_size:
             raise PrefoptInputError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's output "
                                     f"head only {weight.shape[0]}")
@@ -179,17 +180,17 @@ class Trainer:
         if not params:
             raise PrefoptInputError("the model has no trainable parameters")
         self.params = params
-        # The policy's hidden states: through DistributedDataParallel when several processes train, so DDP
-        # averages the gradients (bucketed, overlapped with the backward); the output head's weight is a
-        # parameter of the wrapped module, so its gradient from the fused head is averaged too.
+        # The policy's hidden states (and MoE router loss): through DistributedDataParallel when several processes
+        # train, so DDP averages the gradients (bucketed, overlapped with the backward); the output head's weight is
+        # a parameter of the wrapped module, so its gradient from the fused head is averaged too.
         self.ddp = None
-        self.policy_hidden = self.adapter.hidden_states
+        self.policy_outputs = self.adapter.policy_outputs
         if self.world > 1 and self.fsdp is None:
             from torch.nn.parallel import DistributedDataParallel
             ids = [self.device.index if self.device.index is not None else 0] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(_PolicyHiddenStates(self.adapter), device_ids=ids,
                                                broadcast_buffers=False)
-            self.policy_hidden = self.ddp
+            self.policy_outputs = self.ddp
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                            eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
         total, warm = self.total_steps, self.warmup
@@ -259,20 +260,19 @@ class Trainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _sequence_logps(self, adapter, batch, hidden_states=None):
-        """Per-sequence completion log-prob sums [S] (LD-DPO weighted if ld_alpha) and token counts [S].
+    def _sequence_logps(self, adapter, batch, policy_outputs=None):
+        """Per-sequence completion log-prob sums [S] (LD-DPO weighted if ld_alpha), token counts [S] and the
+        policy's MoE router loss (None without `policy_outputs`, or when off).
 
         Used for the reference (and KTO); the paired policy pass is one fused_linear_preference_loss call."""
         cfg = self.cfg
         with self._autocast():
-            hidden = (hidden_states or adapter.hidden_states)(batch)
-        weight, bias = adapter.output_head()
-        if hidden.dtype != weight.dtype:
-            hidden = hidden.to(weight.dtype)
+            hidden, aux = policy_outputs(batch) if policy_outputs is not None else (adapter.hidden_states(batch), None)
+        head = head_operands(adapter, hidden)
         labels = batch["labels"]
-        token_logps = prefopt.linear_logprobs(hidden, weight, labels, bias, ignore_index=IGNORE_INDEX,
+        token_logps = prefopt.linear_logprobs(head.hidden, head.weight, labels, ignore_index=IGNORE_INDEX,
                                               temperature=cfg.temperature, softcap=adapter.softcap,
-                                              logit_scale=adapter.logit_scale)
+                                              logit_scale=adapter.logit_scale, **head.head_kwargs())
         flat = token_logps.reshape(-1)
         mask = (labels.reshape(-1) != IGNORE_INDEX)
         cu = batch.get("cu_seqlens")
@@ -283,16 +283,16 @@ class Trainer:
         if cfg.ld_alpha is not None and not self.kto:  # LD-DPO: the same token weights as the fused loss
             weights = ld_dpo_token_weights(weights, (cu.numel() - 1) // 2, cfg.ld_alpha, cu)
         seq = prefopt.sequence_logps(flat, weights, cu_seqlens=cu)
-        return seq, counts
+        return seq, counts, aux
 
     def _reference_logps(self, batch):
         with torch.no_grad(), self.reference.context():
             root = self.ref_fsdp if self.reference.kind == "copy" else self.fsdp
             if root is None:
-                seq, _ = self._sequence_logps(self.reference.adapter, batch)
+                seq, _, _ = self._sequence_logps(self.reference.adapter, batch)
             else:
                 from prefopt.trainer.fsdp import run_no_grad
-                seq, _ = run_no_grad(root, self._sequence_logps, self.reference.adapter, batch)
+                seq, _, _ = run_no_grad(root, self._sequence_logps, self.reference.adapter, batch)
         return seq.detach()
 
     def _kl_examples(self, indices):
@@ -363,10 +363,10 @@ class Trainer:
             ref = torch.zeros(n_seq, device=self.device)
         stats = {}
         if self.kto:
-            seq, _ = self._policy(self._sequence_logps, self.adapter, batch, self.policy_hidden)
+            seq, _, aux = self._policy(self._sequence_logps, self.adapter, batch, self.policy_outputs)
             with torch.no_grad():
-                kl_pol, _ = self._policy(self._sequence_logps, self.adapter,
-                                         self._batch(None, self._kl_examples(indices)))
+                kl_pol, _, _ = self._policy(self._sequence_logps, self.adapter,
+                                            self._batch(None, self._kl_examples(indices)))
             if kl_ref is None:
                 kl_ref = torch.zeros_like(kl_pol)
             labels = batch["kto_labels"]
@@ -381,29 +381,36 @@ class Trainer:
             stats["logps/chosen"] = (float(lp[labels].sum()), n_d)
             stats["logps/rejected"] = (float(lp[~labels].sum()), n_u)
             stats["kl"] = (float(metrics["kl"]), 1.0)
-            return loss, stats
+            return self._add_router_aux(loss, aux, stats, 1.0), stats
         # paired: one fused call from the hidden states (policy head, sequence sums, loss; no logits)
         P = len(indices)
         refs = {} if ref is None else dict(ref_chosen_logps=ref[:P].float(), ref_rejected_logps=ref[P:].float())
-        loss, metrics = self._policy(self._paired_loss, batch, refs)
+        loss, metrics, aux = self._policy(self._paired_loss, batch, refs)
         for k, v in metrics.items():
             stats[k] = (float(v) * P, float(P))
-        return loss, stats
+        return self._add_router_aux(loss, aux, stats, float(P)), stats
+
+    def _add_router_aux(self, loss, aux, stats, weight):
+        """loss + router_aux_loss_coef * aux (MoE load balancing, as TRL adds it); logged as `aux_loss`."""
+        if aux is None:
+            return loss
+        stats["aux_loss"] = (float(aux.detach()) * weight, weight)
+        return loss + self.router_aux_coef * aux.to(loss.dtype)
 
     def _paired_loss(self, batch, refs):
         cfg = self.cfg
         with self._autocast():
-            hidden = self.policy_hidden(batch)
-        weight, bias = self.adapter.output_head()
-        if hidden.dtype != weight.dtype:
-            hidden = hidden.to(weight.dtype)
-        return prefopt.fused_linear_preference_loss(
-            hidden, weight, batch["labels"], bias=bias, cu_seqlens=batch.get("cu_seqlens"), ignore_index=IGNORE_INDEX,
+            hidden, aux = self.policy_outputs(batch)
+        head = head_operands(self.adapter, hidden)
+        loss, metrics = prefopt.fused_linear_preference_loss(
+            head.hidden, head.weight, batch["labels"], cu_seqlens=batch.get("cu_seqlens"), ignore_index=IGNORE_INDEX,
             temperature=cfg.temperature, softcap=self.adapter.softcap, logit_scale=self.adapter.logit_scale,
             loss_type=cfg.loss_types if len(cfg.loss_types) > 1 else cfg.loss_types[0], beta=cfg.beta,
             ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, rpo_alpha=cfg.rpo_alpha,
             label_smoothing=cfg.label_smoothing, loss_weights=cfg.loss_weights,
-            f_divergence_type=cfg.f_divergence_type, f_alpha_divergence_coef=cfg.f_alpha_divergence_coef, **refs)
+            f_divergence_type=cfg.f_divergence_type, f_alpha_divergence_coef=cfg.f_alpha_divergence_coef,
+            **head.head_kwargs(), **refs)
+        return loss, metrics, aux
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def _indices(self, step):
@@ -635,7 +642,8 @@ class Trainer:
 
 
 class _PolicyHiddenStates(torch.nn.Module):
-    """The policy's forward to its final hidden states, as a module DistributedDataParallel can wrap."""
+    """The policy's forward to its final hidden states (and MoE router loss | None), as a module
+    DistributedDataParallel can wrap."""
 
     def __init__(self, adapter):
         super().__init__()
@@ -643,7 +651,7 @@ class _PolicyHiddenStates(torch.nn.Module):
         self.body = adapter.module
 
     def forward(self, batch):
-        return self.adapter.hidden_states(batch)
+        return self.adapter.policy_outputs(batch)
 
 
 def _check_writable(run_dir):

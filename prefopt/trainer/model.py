@@ -7,6 +7,10 @@ Adapter protocol (any object; `as_adapter` wraps HF causal LMs and protocol modu
                                            for packed batches (batch has position_ids / cu_seqlens, no mask)
     adapter.output_head()               -> (weight [V, H], bias [V] | None)
     adapter.softcap, adapter.logit_scale  logit transform applied before log-softmax (None / 1.0 = none)
+    adapter.head_operands(hidden)       HeadOperands (prefopt.integrations.adapters) of the head on `hidden`: LoRA on
+                                           the head adds columns; a module may define it, default from output_head()
+    adapter.policy_outputs(batch)       -> (hidden, router aux loss | None): the policy pass (MoE models add the
+                                           load-balancing loss when `router_aux_coef` is set)
 
 A plain nn.Module plugs in by defining two methods (docs/trainer.md):
 
@@ -34,29 +38,48 @@ from prefopt.trainer.config import PrefoptInputError
 TINY_DEFAULTS = dict(hidden_size=64, layers=2, heads=4)
 
 
+# batch keys the trainer's collate builds that are not backbone inputs (every other key, e.g. a vision-language
+# model's pixel_values, goes to the backbone)
+_NOT_BACKBONE_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids", "completion_mask", "labels",
+                                  "cu_seqlens", "kto_labels"})
+
+
 class HFCausalLMAdapter:
-    """A transformers `*ForCausalLM` (or PeftModel around one) through prefopt.integrations.transformers."""
+    """A transformers `*ForCausalLM` or vision-language `*ForConditionalGeneration` (or a PeftModel around one, LoRA
+    on the LM head included) through prefopt.integrations.transformers."""
 
     def __init__(self, model):
         from prefopt.integrations import transformers as hf
         self._hf = hf
         self.module = model
+        self.router_aux_coef = 0.0  # set by the trainer for MoE models (prefopt.integrations.moe)
 
     def hidden_states(self, batch):
         return self._hf.last_hidden_states(self.module, batch["input_ids"], batch.get("attention_mask"),
-                                           batch.get("position_ids"))
+                                           batch.get("position_ids"), **_backbone_inputs(batch))
+
+    def policy_outputs(self, batch):
+        if not self.router_aux_coef:
+            return self.hidden_states(batch), None
+        return self._hf.last_hidden_states(self.module, batch["input_ids"], batch.get("attention_mask"),
+                                           batch.get("position_ids"), return_router_aux_loss=True,
+                                           **_backbone_inputs(batch))
 
     def output_head(self):
-        spec = self._hf.head_of(self.module)
-        return spec.weight, spec.bias
+        """The base head's (weight, bias); a LoRA adapter on it is applied by `head_operands`."""
+        head = self._hf.lm_head_module(self.module)
+        return head.weight, getattr(head, "bias", None)
+
+    def head_operands(self, hidden):
+        return self._hf.head_operands(self.module, hidden)
 
     @property
     def softcap(self):
-        return self._hf.head_of(self.module).softcap
+        return self._hf.logit_transform(self.module)[0]
 
     @property
     def logit_scale(self):
-        return self._hf.head_of(self.module).logit_scale
+        return self._hf.logit_transform(self.module)[1]
 
     def is_peft(self):
         return self._hf.is_peft_model(self.module)
@@ -84,6 +107,19 @@ class ModuleAdapter:
     def hidden_states(self, batch):
         return self.module.hidden_states(batch)
 
+    def policy_outputs(self, batch):
+        return self.hidden_states(batch), None
+
+    def head_operands(self, hidden):
+        from prefopt.integrations.adapters import HeadOperands
+
+        custom = getattr(self.module, "head_operands", None)
+        if callable(custom):
+            ops = custom(hidden)
+            return ops if isinstance(ops, HeadOperands) else HeadOperands(*ops)
+        weight, bias = self.output_head()
+        return HeadOperands(hidden if hidden.dtype == weight.dtype else hidden.to(weight.dtype), weight, bias)
+
     def output_head(self):
         head = self.module.output_head()
         return (head[0], head[1]) if isinstance(head, (tuple, list)) else (head, None)
@@ -105,6 +141,35 @@ class ModuleAdapter:
             raise PrefoptInputError(f"gradient_checkpointing=True but {type(self.module).__name__} has no "
                                     "gradient_checkpointing_enable() method")
         fn()
+
+
+def _backbone_inputs(batch):
+    return {k: v for k, v in batch.items() if k not in _NOT_BACKBONE_INPUTS}
+
+
+def head_operands(adapter, hidden):
+    """The output head's operands on `hidden` (prefopt.integrations.adapters.HeadOperands): the head call is
+    `prefopt.linear_logprobs(ops.hidden, ops.weight, labels, **ops.head_kwargs())`."""
+    return adapter.head_operands(hidden)
+
+
+def configure_router_aux_loss(adapter, coef):
+    """Settle the MoE load-balancing loss as TRL does: `coef` (TrainConfig.router_aux_loss_coef) if set, else the
+    model config's `router_aux_loss_coef`; on when the model returns router logits and the coefficient is not 0.
+    Returns the coefficient in use (0.0: off)."""
+    if isinstance(adapter, HFCausalLMAdapter):
+        from prefopt.integrations import moe
+        try:
+            value = moe.router_aux_coef(adapter.module, coef)
+        except ValueError as err:
+            raise PrefoptInputError(str(err)) from None
+        adapter.router_aux_coef = value if moe.returns_router_logits(adapter.module) else 0.0
+        return adapter.router_aux_coef
+    if coef:
+        raise PrefoptInputError(f"router_aux_loss_coef is {coef} but {type(adapter.module).__name__} is not a "
+                                "Hugging Face mixture-of-experts model (the router loss is read from its router "
+                                "logits)")
+    return 0.0
 
 
 def as_adapter(model):
