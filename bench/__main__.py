@@ -6,7 +6,7 @@ Examples:
   prefopt bench --reference-only                  # only the reference DPO case, both input kinds
   prefopt bench --long                            # one pair of 4k-64k-token sequences (+ V=128k), capped processes
   prefopt bench --long-train                      # one DPO training step at 4k-32k tokens, V=128256: prefopt vs TRL
-  prefopt bench --filtering                       # fused-head backward, exact vs filter_eps (bench/filtering.py)
+  prefopt bench --filtering                       # exact vs filter_eps (+ vocab_sort) over a sweep (bench/filtering.py)
   prefopt bench --heads                           # GPU: fused vs tiled head, measured vs predicted (bench/heads.py)
   prefopt bench --heads --dry-run                 # the plan and the cost model's predictions, no GPU needed
   prefopt bench --ops linear --tokens 1024 --hidden 1024 --vocab 32000 128000 --kinds lm
@@ -34,7 +34,8 @@ def _parser(prog=None):
                    "sequence, V=128256 (bench/long_train.py): prefopt's trainer, TRL, TRL + Liger, TRL + prefopt's "
                    "drop-in, each in its own capped process; its options: --long-train --help")
     p.add_argument("--filtering", action="store_true", help="gradient filtering (bench/filtering.py): exact vs "
-                   "filtered backward of one head at V=128k; must come first, its options: --filtering --help")
+                   "filtered (and filtered + vocab_sort) head over a sweep of skip fractions and vocabulary orders; "
+                   "must come first, its options: --filtering --help")
     p.add_argument("--heads", action="store_true", help="the triton backend's two heads on a GPU, measured next "
                    "to the cost model (bench/heads.py); must come first, its options: --heads --help")
     p.add_argument("--cap-gb", type=float, default=8.0, help="--long: address-space cap (RLIMIT_AS) of each child")

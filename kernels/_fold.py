@@ -136,7 +136,7 @@ def dlogits(z, is_label, lse, mean_z, g_logp, g_ent, HAS_ENT: tl.constexpr):
 @triton.jit
 def negligible_tile(grad, threshold):
     """True when every entry of a [rows, cols] gradient tile (dL/draw) is negligible, |grad| <= threshold of its row
-    (docs/design.md, "Gradient filtering"; the CPU twin is prefopt/cpu/chunked.py `_kept_blocks`). A NaN entry is
+    (docs/design.md, "Gradient filtering"; the CPU twin is prefopt/cpu/rowops_torch.py `kept_blocks`). A NaN entry is
     never negligible, so a non-finite row keeps its tile and its NaN gradient."""
     big = tl.where(tl.abs(grad) <= threshold[:, None], 0, 1)
     return tl.max(tl.max(big, axis=1), axis=0) == 0

@@ -2,8 +2,8 @@
 
 The filter itself is defined once in docs/design.md ("Gradient filtering") and applied by the two heads:
 `kernels/linear_logprobs.py` (per backward tile, with `negligible_tile` of `kernels/_fold.py`) and
-`prefopt/cpu/chunked.py` (per block of a recomputed tile, `_kept_blocks`); `tests/test_filtering.py` checks them
-against each other and against the exact gradients. `linear_logprobs(..., filter_eps=)` turns it on.
+`prefopt/cpu/chunked.py` (per block of a recomputed tile, the row ops' `kept_blocks`); `tests/test_filtering.py` checks
+them against each other and against the exact gradients. `linear_logprobs(..., filter_eps=)` turns it on.
 
 `skip_counter` adds up, over every filtered backward since its last `reset()`, the blocks a head looked at and
 the blocks it skipped. The Triton head leaves its count on the device (one atomic per skipped tile into a

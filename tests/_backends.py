@@ -1,4 +1,5 @@
-"""The backends a CPU test can run, as pytest params.
+"""The backends a test can run on the test device, as pytest params; the test device (PREFOPT_TEST_DEVICE: cpu,
+the default, or cuda: tests/conftest.py, scripts/gpu_check.sh).
 
 Triton is skipped (with the reason) where its interpreter cannot run. The C++ backend is different: setup.py builds
 prefopt._C wherever torch and a C++ compiler are present (README: "If the extension cannot be built, the install
@@ -11,8 +12,12 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from prefopt import _backend
+
+TEST_DEVICE = os.environ.get("PREFOPT_TEST_DEVICE", "cpu")
+ON_CUDA = TEST_DEVICE == "cuda"
 
 
 def cpp_expected() -> tuple[bool, str]:
@@ -33,8 +38,8 @@ CPP_EXPECTED, CPP_EXPECTED_WHY = cpp_expected()
 
 
 def available(name):
-    ok, _ = (_backend.cpp_status("cpu") if name == "cpp" else
-             _backend.triton_status("cpu") if name == "triton" else (True, ""))
+    ok, _ = (_backend.cpp_status(TEST_DEVICE) if name == "cpp" else
+             _backend.triton_status(TEST_DEVICE) if name == "triton" else (True, ""))
     return ok
 
 
@@ -48,3 +53,21 @@ def _param(name):
 BACKENDS = [_param(b) for b in ("torch", "cpp", "triton")]
 CPU_BACKENDS = [b for b in BACKENDS if b.values[0] != "triton"]
 CPP = BACKENDS[1]
+
+
+def cuda_tensor_mode():
+    """A mode that puts the tensors the tests build (torch.randn, zeros, tensor, arange, ...) on the GPU, so the
+    kernel tests run on CUDA tensors unchanged. A factory given a CPU generator (torch.Generator(), the tests'
+    seeded inputs) draws on the CPU and moves the result, so inputs are the same numbers as on a CPU run."""
+    from torch.utils._device import DeviceContext, _device_constructors
+
+    class CudaInputs(DeviceContext):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            gen = kwargs.get("generator")
+            if (func in _device_constructors() and kwargs.get("device") is None and gen is not None
+                    and gen.device.type == "cpu"):
+                return func(*args, **kwargs).to(self.device)
+            return super().__torch_function__(func, types, args, kwargs)
+
+    return CudaInputs(torch.device("cuda"))

@@ -1,4 +1,5 @@
-"""Triton kernels (kernels/*.py) under TRITON_INTERPRET=1 against plain-torch materializing references.
+"""Triton kernels (kernels/*.py) under TRITON_INTERPRET=1 (or compiled, on CUDA tensors, with
+PREFOPT_TEST_DEVICE=cuda: scripts/gpu_check.sh) against plain-torch materializing references.
 
 The references below are written independently of the kernels: they build the full [n, V] logits,
 apply the transform with torch.tanh, log_softmax + gather, and get every gradient from
@@ -11,9 +12,11 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="runs the Triton kernels on CPU through the interpreter")
+ON_CUDA = os.environ.get("PREFOPT_TEST_DEVICE", "cpu") == "cuda"  # tests/conftest.py
+if not ON_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytestmark = pytest.mark.skipif(not ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="runs the Triton kernels on CPU through the interpreter, or on CUDA tensors")
 
 from prefopt.kernels import linear_logprobs, logprobs, sequence_sums  # noqa: E402  (after TRITON_INTERPRET)
 

@@ -12,6 +12,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"), py::arg("labels"), py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"),
         py::arg("grad_entropy"), py::arg("ignore_index"), py::arg("logit_scale"), py::arg("softcap"),
         py::arg("temperature"), py::arg("out"));
+  m.def("kept_blocks", &prefopt::cpu::kept_blocks, "blocks of a gradient tile holding a non-negligible entry",
+        py::arg("grad"), py::arg("threshold"), py::arg("block_rows"), py::arg("block_cols"),
+        py::arg("zero_skipped") = false);
+  m.def("zero_blocks", &prefopt::cpu::zero_blocks, "zero the masked blocks of a gradient tile in place",
+        py::arg("grad"), py::arg("mask"), py::arg("block_rows"), py::arg("block_cols"));
   m.def("segment_forward", &prefopt::cpu::segment_forward, py::arg("values"), py::arg("weights"),
         py::arg("cu_seqlens"), py::arg("average"));
   m.def("segment_backward", &prefopt::cpu::segment_backward, py::arg("grad_out"), py::arg("weights"),

@@ -25,6 +25,15 @@ at::Tensor row_backward(const at::Tensor& logits, const at::Tensor& labels, cons
                         double logit_scale, double softcap, double temperature,
                         const std::optional<at::Tensor>& out);
 
+// Gradient filter of the CPU head (csrc/cpu/filter.cpp): grad [n, V] float32/float64 with unit column stride,
+// threshold [n]. -> bool [ceil(n / block_rows), ceil(V / block_cols)]: true where a block holds an entry with
+// !(|grad| <= threshold of its row) (NaN included); blocks aligned at row 0 and column 0. zero_skipped: also set
+// every other block of grad to 0, in place, while it is in cache.
+at::Tensor kept_blocks(const at::Tensor& grad, const at::Tensor& threshold, int64_t block_rows, int64_t block_cols,
+                       bool zero_skipped);
+// Sets every block of grad where mask [row blocks, column blocks] is true to 0, in place.
+void zero_blocks(const at::Tensor& grad, const at::Tensor& mask, int64_t block_rows, int64_t block_cols);
+
 // values [N], weights [N] | None, cu_seqlens [S+1] int64 -> (out [S], counts [S]); float64 values stay
 // float64, everything else is computed and returned in float32.
 std::tuple<at::Tensor, at::Tensor> segment_forward(const at::Tensor& values,

@@ -13,9 +13,11 @@ use instead of recomputing them: the peak extra memory then grows by at most the
 
 Gradient filtering (`filter_eps`, docs/design.md "Gradient filtering"; the Triton twin is the FILTER branch of
 kernels/linear_logprobs.py, tests/test_filtering.py checks the two against each other): the tile still has to be
-recomputed and turned into its gradient to know which blocks are negligible, but the two GEMMs then run only over
-the vocabulary columns that hold a kept block (gathered when they are not one range); a skipped block among those
-columns is zeroed first, so it contributes nothing, as in the Triton head.
+recomputed and turned into its gradient to know which blocks are negligible; the test (the row ops' `kept_blocks`,
+C++ for cpp) zeroes the skipped blocks as it finds them, so they contribute nothing, as in the Triton head, whatever
+the GEMMs then cover. `_filtered_groups` picks those GEMMs by estimated cost: the whole tile, the columns holding a
+kept block (views or gathered), or each row block's own kept blocks; the whole tile is always a candidate, so a
+filtered backward costs at most its test more than the exact one (tests/test_filter_cost.py, docs/bench.md).
 
 Vocabulary sorting (`vocab_order`, docs/design.md "Vocabulary sorting"; the Triton twin is the SORTED branch of the
 backward kernel, tests/test_vocab_sorting.py): vocabulary block j holds the entries order[v0:v1], its weight rows
@@ -30,7 +32,9 @@ import torch
 # from here for callers that size a cache themselves (`tile_cache`).
 from prefopt._options import CACHE_ENV, DEFAULT_CPU_CACHE_MB  # noqa: F401
 from prefopt._types import RowStats
+from prefopt.cost_model import ROW_BLOCK_GEMM, filter_copy_macs
 from prefopt._validation import cache_budget_bytes
+from prefopt.cpu import rowops_torch
 from prefopt.cpu.rowops_torch import mixture_entropy, transform_with_slope
 from prefopt.filtering import skip_counter
 
@@ -100,13 +104,32 @@ def _blocks(total, step):
         yield start, min(total, start + step)
 
 
-def _block_rows(weight, bias, order, v0, v1):
+class _Scratch:
+    """Buffers a head call reuses from tile to tile (the sorted head's gathered weight rows, its weight-gradient
+    products): a fresh 16 MiB tensor per tile cost ~8 ms of page faults here, a fifth of the GEMM it fed. Each buffer
+    is as big as the largest use, which the call's transient tensor was anyway, so the peak does not grow."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, key, rows, like_rows):
+        """A [rows, *like_rows.shape[1:]] tensor of like_rows' dtype and device (contents undefined)."""
+        shape = (rows,) + tuple(like_rows.shape[1:])
+        held = self.buffers.get(key)
+        if held is None or held.shape[0] < rows or held.dtype != like_rows.dtype or held.shape[1:] != shape[1:]:
+            held = self.buffers[key] = like_rows.new_empty(shape)
+        return held[:rows]
+
+
+def _block_rows(weight, bias, order, v0, v1, scratch=None):
     """(weight rows, bias rows | None) of block [v0, v1) of the head's visiting order: views, or one block's gathered
-    copy when sorted."""
+    copy when sorted (into `scratch` when given)."""
     if order is None:
         return weight[v0:v1], None if bias is None else bias[v0:v1]
     entries = order[v0:v1]
-    return weight.index_select(0, entries), None if bias is None else bias.index_select(0, entries)
+    rows = (weight.index_select(0, entries) if scratch is None else
+            torch.index_select(weight, 0, entries, out=scratch.get("weight rows", v1 - v0, weight)))
+    return rows, None if bias is None else bias.index_select(0, entries)
 
 
 def _positions(labels, order):
@@ -130,37 +153,62 @@ def _slope(raw, logit_scale, softcap, temperature):
     return slope if isinstance(slope, torch.Tensor) else torch.full_like(raw, slope)
 
 
-def _kept_blocks(grad_raw, threshold):
-    """[row blocks, column blocks] bool of a gradient tile: True where a FILTER_ROWS x FILTER_COLS block holds an
-    entry that is not negligible, |dL/draw| <= threshold of its row failing (NaN never is negligible); blocks are
-    aligned to the tile's first row and column, the ragged last ones only hold the tile's entries."""
-    n_rows, n_cols = grad_raw.shape
-    small = grad_raw.abs() <= threshold[:, None]
-    row_blocks, col_blocks = -(-n_rows // FILTER_ROWS), -(-n_cols // FILTER_COLS)
-    if n_rows % FILTER_ROWS or n_cols % FILTER_COLS:  # entries past the tile are negligible
-        padded = small.new_ones(row_blocks * FILTER_ROWS, col_blocks * FILTER_COLS)
-        padded[:n_rows, :n_cols] = small
-        small = padded
-    return ~small.view(row_blocks, FILTER_ROWS, col_blocks, FILTER_COLS).all(3).all(1)
+def _filtered_groups(kept, n_rows, n_cols, hidden_size, products, sorted_, device_type="cpu"):
+    """How a filtered tile's gradient GEMMs run (docs/design.md, "Gradient filtering"), chosen by an estimate of
+    their cost in multiply-adds (prefopt/cost_model.py `filter_copy_macs` prices a copied element):
+      whole tile   the exact backward's GEMMs, every skipped block zeroed first;
+      columns      the columns of the blocks kept in any row block: one range is views of the tile and the weight,
+                   scattered ones are gathered (tile columns, weight rows, the weight gradient's index_add);
+      row blocks   each FILTER_ROWS row block over its own kept blocks, gathered: only kept blocks are multiplied,
+                   which pays when each row block keeps few blocks but together they touch most columns.
+    The whole tile is always a candidate, so a filtered backward costs at most its filter test (which zeroes the
+    skipped blocks) more than the exact one. -> [(tile rows, column blocks | None for all)] per GEMM pair."""
+    row_blocks, col_blocks = kept.shape
+    kept = kept.cpu()
+    width = torch.full((col_blocks,), FILTER_COLS, dtype=torch.float64, device="cpu")
+    width[-1] = n_cols - (col_blocks - 1) * FILTER_COLS
+    row_sizes = [min(FILTER_ROWS, n_rows - i * FILTER_ROWS) for i in range(row_blocks)]
+    copy = filter_copy_macs(device_type, torch.get_num_threads())  # the tile's device, not the mask's
+    gemm = products * hidden_size  # multiply-adds of one row x column of the gradient products
+    index_rows = copy * 3 * hidden_size  # a gathered weight row, and its gradient row index_add-ed back
+
+    def cost(rows, blocks, cols, short=1.0):
+        """GEMMs of `rows` rows over the `cols` columns of `blocks` (x `short` for a row block's short GEMMs), with
+        their copies"""
+        one_range = blocks.numel() == 0 or int(blocks[-1] - blocks[0]) + 1 == blocks.numel()
+        copies = (0 if one_range else copy * rows) + (index_rows if sorted_ or not one_range else 0)
+        return cols * (short * gemm * rows + copies)
+
+    whole = n_cols * (gemm * n_rows + (copy * 2 * hidden_size if sorted_ else 0))
+    any_kept = kept.any(0)
+    blocks = any_kept.nonzero().squeeze(1)
+    columns = cost(n_rows, blocks, float(width[any_kept].sum()))
+    per_block = [kept[i].nonzero().squeeze(1) for i in range(row_blocks)]
+    by_row_block = sum(cost(row_sizes[i], b, float(width[kept[i]].sum()), ROW_BLOCK_GEMM)
+                       for i, b in enumerate(per_block) if b.numel())
+    best = min(whole, columns, by_row_block)
+    if best == whole:
+        return [(slice(None), None)]
+    if best == columns:
+        return [(slice(None), blocks)] if blocks.numel() else []
+    return [(slice(i * FILTER_ROWS, i * FILTER_ROWS + row_sizes[i]), b) for i, b in enumerate(per_block) if b.numel()]
 
 
-def _filter_tile(grad_raw, threshold):
-    """Apply the filter to a gradient tile -> (columns, skipped blocks, blocks). `columns` is None when every block is
-    kept (the exact backward's GEMMs), else the int64 columns of the tile that lie in a column of blocks holding a kept
-    block: the GEMMs run over those, and the skipped blocks among them are zeroed here, in place."""
-    kept = _kept_blocks(grad_raw, threshold)
-    n_blocks, n_kept = kept.numel(), int(kept.sum())
-    if n_kept == n_blocks:
-        return None, 0, n_blocks
-    n_rows, n_cols = grad_raw.shape
-    kept_cols = kept.any(0)
-    if bool((kept_cols & ~kept.all(0)).any()):
-        row_blocks, col_blocks = kept.shape
-        keep = kept[:, None, :, None].expand(row_blocks, FILTER_ROWS, col_blocks, FILTER_COLS)
-        grad_raw.masked_fill_(~keep.reshape(row_blocks * FILTER_ROWS, col_blocks * FILTER_COLS)[:n_rows, :n_cols], 0)
-    offsets = torch.arange(FILTER_COLS, device=grad_raw.device)
-    columns = (kept_cols.nonzero() * FILTER_COLS + offsets).flatten()
-    return columns[columns < n_cols], n_blocks - n_kept, n_blocks
+def _block_columns(blocks, n_cols):
+    """int64 columns of a tile that lie in the given column blocks (the ragged last block holds fewer)."""
+    columns = (blocks[:, None] * FILTER_COLS + torch.arange(FILTER_COLS, device=blocks.device)).flatten()
+    return columns[columns < n_cols]
+
+
+def _gather_column_blocks(tile, blocks):
+    """tile[:, columns of `blocks`] as a new tensor: whole FILTER_COLS-wide runs copied at once (a per-column
+    index_select along a row-major tile copied 10-20x slower here, which ate the GEMM work it saved)."""
+    n_rows, n_cols = tile.shape
+    full = n_cols // FILTER_COLS
+    ragged = int(blocks[-1]) >= full  # the last, narrower block is among them
+    whole = blocks[:-1] if ragged else blocks
+    part = tile[:, :full * FILTER_COLS].view(n_rows, full, FILTER_COLS).index_select(1, whole).view(n_rows, -1)
+    return torch.cat([part, tile[:, full * FILTER_COLS:]], 1) if ragged else part
 
 
 class ChunkedHead:
@@ -168,6 +216,9 @@ class ChunkedHead:
 
     def __init__(self, rowops):
         self.rowops = rowops
+        # the filter's test: the row-op module's own (C++ for cpp), else the torch twin (the Triton row ops on CUDA
+        # tensors, where torch's elementwise kernels are as good)
+        self.kept_blocks = getattr(rowops, "kept_blocks", rowops_torch.kept_blocks)
 
     @staticmethod
     def cache_for(budget_bytes: int):
@@ -190,6 +241,7 @@ class ChunkedHead:
         lse = torch.empty_like(logp)
         entropy = torch.empty_like(logp) if want_entropy else None
         log_sum_p2 = torch.empty_like(logp) if want_sqsum else None
+        scratch = _Scratch()
         for r0, r1 in _blocks(n_rows, rows_step):
             h_rows, lab_rows = hidden[r0:r1], labels[r0:r1]
             # The running state is float64: it is merged once per vocabulary block, and float32 merges of lse ~ 35
@@ -197,7 +249,7 @@ class ChunkedHead:
             run_lse = run_entropy = run_lse2 = label_logp = label_lse = None
             for v0, v1 in _blocks(vocab, vocab_step):
                 local, in_block = _local_labels(lab_rows, v0, v1)
-                w_block, b_block = _block_rows(weight, bias, vocab_order, v0, v1)
+                w_block, b_block = _block_rows(weight, bias, vocab_order, v0, v1, scratch)
                 raw = _tile(h_rows, w_block, b_block)
                 del w_block, b_block
                 stats = self.rowops.row_forward(raw, local, _NO_IGNORE, logit_scale, softcap, temperature,
@@ -267,6 +319,7 @@ class ChunkedHead:
                 upstream += grad_entropy.to(acc).abs()
             threshold = upstream.mul_(scale)
             skipped_blocks = total_blocks = 0
+        scratch = _Scratch()
         for r0, r1 in _blocks(n_rows, rows_step):
             rows = slice(r0, r1)
             h_rows = hidden[rows]
@@ -276,7 +329,7 @@ class ChunkedHead:
                 tile = None if tile_cache is None else tile_cache.take((r0, v0))
                 w_block = None  # the block's weight rows, when they had to be gathered for the recompute
                 if tile is None:
-                    w_block, b_block = _block_rows(weight, bias, vocab_order, v0, v1)
+                    w_block, b_block = _block_rows(weight, bias, vocab_order, v0, v1, scratch)
                     tile = _tile(h_rows, w_block, b_block)
                     del b_block
                 foreign = None if single_block else (~in_block).nonzero().squeeze(1)
@@ -290,49 +343,76 @@ class ChunkedHead:
                     onehot = grad_logp[rows][foreign].to(acc) * _slope(raw_at_label, logit_scale, softcap,
                                                                        temperature)
                     tile[foreign, local[foreign]] -= onehot
-                kept = None
+                groups = [(slice(None), None)]  # (rows of the tile, its column blocks | None for all) per GEMM pair
                 if threshold is not None:
-                    kept, skipped, blocks = _filter_tile(tile, threshold[rows])
+                    # skipped blocks are zeroed as they are found (whichever GEMMs run, they add nothing); the
+                    # layout is decided on the host: one copy of a small mask (a no-op for CPU tiles)
+                    kept = self.kept_blocks(tile, threshold[rows], FILTER_ROWS, FILTER_COLS, zero_skipped=True).cpu()
+                    skipped = kept.numel() - int(kept.sum())
                     skipped_blocks += skipped
-                    total_blocks += blocks
-                # where: the vocabulary entries (weight rows) of the GEMMs' columns, a slice or int64 indices
-                if kept is None:  # the whole tile
-                    part, where = tile, entries
-                elif kept.numel() == 0:
-                    del tile, w_block
-                    continue
-                elif int(kept[-1] - kept[0]) + 1 == kept.numel():  # one column range: views, no copy
-                    c0, c1 = int(kept[0]), int(kept[-1]) + 1
-                    part = tile[:, c0:c1]
-                    where = slice(v0 + c0, v0 + c1) if vocab_order is None else entries[c0:c1]
-                else:  # scattered kept columns: gather them (a copy of 1/rows of the GEMMs' work) for one GEMM pair
-                    part = tile.index_select(1, kept)
-                    where = kept + v0 if vocab_order is None else entries[kept]
-                if kept is None and w_block is not None:
-                    w_part = w_block
-                else:  # sorted: only the kept entries' rows are gathered
-                    w_part = weight[where] if isinstance(where, slice) else weight.index_select(0, where)
-                grad_part = part if part.dtype == hidden.dtype else part.to(hidden.dtype)
-                if need_h:
-                    if write_whole:
-                        torch.matmul(grad_part, w_part, out=grad_hidden[rows])
-                    elif grad_part.dtype == acc:
-                        grad_hidden[rows].addmm_(grad_part, w_part)
+                    total_blocks += kept.numel()
+                    if skipped:
+                        groups = _filtered_groups(kept, r1 - r0, v1 - v0, hidden.shape[1], int(need_h) + int(need_w),
+                                                  vocab_order is not None, tile.device.type)
+                for tile_rows, blocks in groups:
+                    # part: the group's gradient columns; where: their vocabulary entries (weight rows), a slice or
+                    # int64 indices; w_part: those weight rows
+                    all_rows = tile_rows == slice(None)  # no view ops then: the exact path issues what it did
+                    sub = tile if all_rows else tile[tile_rows]
+                    if blocks is None:  # every column
+                        part, where = sub, entries
+                        w_part = w_block if w_block is not None else (
+                            weight[where] if isinstance(where, slice) else
+                            torch.index_select(weight, 0, where, out=scratch.get("kept rows", v1 - v0, weight)))
                     else:
-                        grad_hidden[rows] += grad_part @ w_part
-                if need_w:
-                    if isinstance(where, torch.Tensor):
-                        grad_weight.index_add_(0, where, (grad_part.T @ h_rows).to(acc))
-                    elif grad_part.dtype == acc:
-                        grad_weight[where].addmm_(grad_part.T, h_rows)
-                    else:  # bf16/fp16 GEMM, fp32 accumulation across tiles
-                        grad_weight[where] += grad_part.T @ h_rows
-                if need_b:
-                    if isinstance(where, torch.Tensor):
-                        grad_bias.index_add_(0, where, part.sum(0))
-                    else:
-                        grad_bias[where] += part.sum(0)
-                del part, grad_part, w_part, w_block
+                        if int(blocks[-1] - blocks[0]) + 1 == blocks.numel():  # one range: views, no copy
+                            c0, c1 = int(blocks[0]) * FILTER_COLS, min(v1 - v0, (int(blocks[-1]) + 1) * FILTER_COLS)
+                            part, columns = sub[:, c0:c1], slice(c0, c1)
+                        else:
+                            blocks = blocks.to(tile.device)
+                            part = _gather_column_blocks(sub, blocks)
+                            columns = _block_columns(blocks, v1 - v0)
+                        if vocab_order is None:
+                            where = (slice(v0 + columns.start, v0 + columns.stop) if isinstance(columns, slice)
+                                     else columns + v0)
+                        else:
+                            where = entries[columns]
+                        if w_block is not None and isinstance(columns, slice):
+                            w_part = w_block[columns]
+                        elif isinstance(where, slice):
+                            w_part = weight[where]
+                        else:  # only the rows of the group's columns, from the block's own copy when there is one
+                            source, at = (weight, where) if w_block is None else (w_block, columns)
+                            w_part = torch.index_select(source, 0, at, out=scratch.get("kept rows", len(where), weight))
+                    h_part = h_rows if all_rows else h_rows[tile_rows]
+                    grad_part = part if part.dtype == hidden.dtype else part.to(hidden.dtype)
+                    if need_h:
+                        out_rows = grad_hidden[rows] if all_rows else grad_hidden[rows][tile_rows]
+                        if write_whole:
+                            torch.matmul(grad_part, w_part, out=out_rows)
+                        elif grad_part.dtype == acc:
+                            out_rows.addmm_(grad_part, w_part)
+                        else:
+                            out_rows += grad_part @ w_part
+                    if need_w:
+                        if isinstance(where, torch.Tensor):
+                            if grad_part.dtype == acc:
+                                product = torch.mm(grad_part.T, h_part,
+                                                   out=scratch.get("weight grad", len(where), h_rows))
+                            else:
+                                product = (grad_part.T @ h_part).to(acc)
+                            grad_weight.index_add_(0, where, product)
+                        elif grad_part.dtype == acc:
+                            grad_weight[where].addmm_(grad_part.T, h_part)
+                        else:  # bf16/fp16 GEMM, fp32 accumulation across tiles
+                            grad_weight[where] += grad_part.T @ h_part
+                    if need_b:
+                        if isinstance(where, torch.Tensor):
+                            grad_bias.index_add_(0, where, part.sum(0))
+                        else:
+                            grad_bias[where] += part.sum(0)
+                    del part, grad_part, w_part, sub
+                del w_block
                 del tile
         if threshold is not None:
             skip_counter.add(skipped_blocks, total_blocks)

@@ -6,6 +6,7 @@ for float64 logits, so float64 tests stay tight, like the torch backend).
 """
 from __future__ import annotations
 
+from prefopt.cpu import rowops_torch
 from prefopt.cpu.extension import extension_for
 from prefopt._types import RowStats
 
@@ -29,3 +30,18 @@ def row_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_i
         entropy = None  # only needed for the entropy term
     return extension_for(logits).row_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, int(ignore_index),
                            float(logit_scale), _cap(softcap), float(temperature), out)
+
+
+def kept_blocks(grad, threshold, block_rows, block_cols, zero_skipped=False):
+    """rowops_torch.kept_blocks in C++ (csrc/cpu/filter.cpp) for CPU tiles; the torch twin elsewhere (the CUDA
+    extension has no filter: the Triton head filters inside its kernel)."""
+    if grad.device.type != "cpu":
+        return rowops_torch.kept_blocks(grad, threshold, block_rows, block_cols, zero_skipped)
+    return extension_for(grad).kept_blocks(grad, threshold, int(block_rows), int(block_cols), bool(zero_skipped))
+
+
+def zero_blocks(grad, mask, block_rows, block_cols):
+    """rowops_torch.zero_blocks in C++ for CPU tiles (in place)."""
+    if grad.device.type != "cpu":
+        return rowops_torch.zero_blocks(grad, mask, block_rows, block_cols)
+    extension_for(grad).zero_blocks(grad, mask, int(block_rows), int(block_cols))

@@ -136,3 +136,44 @@ def row_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_i
         grad.masked_fill_(~live[start:stop, None], 0)
         out[start:stop] = grad
     return out
+
+
+def kept_blocks(grad, threshold, block_rows, block_cols, zero_skipped=False):
+    """The gradient filter's test on a tile (docs/design.md, "Gradient filtering"): bool [row blocks, column
+    blocks] of `grad` [n, V], blocks of block_rows x block_cols aligned at row 0 and column 0, True where a block
+    holds an entry that is not negligible, !(|grad| <= threshold of its row) (NaN included); the ragged last blocks
+    hold only the tile's entries. `zero_skipped`: also set every other block to 0, in place. One row block at a time,
+    so the temporaries stay one row block's size (the whole tile's abs and bool copies cost as much as the tile's two
+    gradient GEMMs on a CPU). The C++ twin is csrc/cpu/filter.cpp (tests/test_filter_cost.py checks them against each
+    other)."""
+    n_rows, n_cols = grad.shape
+    full = n_cols // block_cols
+    kept = torch.empty(-(-n_rows // block_rows), -(-n_cols // block_cols), dtype=torch.bool, device=grad.device)
+    for i, r0 in enumerate(range(0, n_rows, block_rows)):
+        r1 = min(n_rows, r0 + block_rows)
+        # 1 where negligible, 0 where not (NaN compares false): a block is kept when its smallest entry is 0
+        small = grad[r0:r1].abs().le_(threshold[r0:r1, None])
+        if full:
+            kept[i, :full] = small[:, :full * block_cols].view(r1 - r0, full, block_cols).amin(dim=(0, 2)) == 0
+        if full < kept.shape[1]:
+            kept[i, full] = small[:, full * block_cols:].amin() == 0
+    if zero_skipped:
+        zero_blocks(grad, ~kept, block_rows, block_cols)
+    return kept
+
+
+def zero_blocks(grad, mask, block_rows, block_cols):
+    """Set the blocks of `grad` where mask [row blocks, column blocks] is True to 0, in place (the blocks of
+    `kept_blocks`; the C++ twin is csrc/cpu/filter.cpp)."""
+    n_rows, n_cols = grad.shape
+    full = n_cols // block_cols
+    on_host, on_device = mask.cpu(), mask.to(grad.device)  # decisions on the host, masks beside the tile
+    for i, r0 in enumerate(range(0, n_rows, block_rows)):
+        if not bool(on_host[i].any()):
+            continue
+        rows = grad[r0:r0 + block_rows]
+        if full:
+            rows[:, :full * block_cols].view(rows.shape[0], full, block_cols).masked_fill_(
+                on_device[i, :full, None], 0)
+        if full < mask.shape[1] and bool(on_host[i, full]):
+            rows[:, full * block_cols:] = 0
