@@ -320,37 +320,57 @@ def impl_status(impl):
     return True, ""
 
 
+def _liger_reason(error):
+    if "active drivers" in error:  # triton finds no GPU driver
+        return ("Liger's kernels are Triton GPU kernels and Triton finds no GPU driver here (`" + error + "`); "
+                "with use_liger_kernel=True TRL 1.16 swaps in only Liger's layer kernels (RMSNorm, RoPE, SwiGLU: it "
+                "turns Liger's fused linear cross-entropy off) and keeps its own chunked head")
+    return f"Liger's kernels do not run here: {error}"
+
+
+def _decide(impl, T, prev, older):
+    """(run, why not) for `impl` at T tokens, from its results at the previous two lengths."""
+    ok, why = impl_status(impl)
+    if ok and prev is not None and prev["status"] != "ok":
+        return False, f"did not train at {prev['T']} tokens ({prev['status']})"
+    if ok and T > 16384 and prev is not None:
+        growth = 2.0 if older is None or older.get("status") != "ok" else max(2.0, prev["step_s"] / older["step_s"])
+        predicted = prev["step_s"] * growth * T / (2 * prev["T"])
+        if predicted > STEP_LIMIT_S:
+            return False, (f"its {prev['T']}-token step took {prev['step_s']:.0f} s; growing {growth:.1f}x per "
+                           f"doubling, a {T}-token step would take ~{predicted / 60:.0f} minutes (over "
+                           f"{STEP_LIMIT_S // 60})")
+    return ok, why
+
+
 def run_long_train(*, lengths=LENGTHS, impls=tuple(IMPLS), cap_gb=DEFAULT_CAP_GB, timeout=3600, threads=None,
                    work=None, log=print, results_path=None):
     """Every length x implementation in a capped child, plus a float64 truth per length -> records.
 
     A length beyond the first runs an implementation only if its previous length trained (a step that ran out of
-    memory at N does at 2N too: recorded as skipped), and 32768 only if its 16384 step took under a quarter of
-    STEP_LIMIT_S (attention makes the step at least twice as long, in practice about four times)."""
+    memory at N does at 2N too: recorded as skipped), and a length beyond 16384 only if the step it predicts stays
+    under STEP_LIMIT_S: the last step's seconds times the growth factor of the last doubling (at least 2)."""
     work = work or tempfile.mkdtemp(prefix="prefopt-long-train-")
-    records, last = [], {}
+    records, last, before_last = [], {}, {}
     for T in lengths:
         base = dict(T=T, threads=threads, cap_gb=cap_gb)
-        truth = _run_child(dict(base, impl="truth"), work, timeout)
+        plan = {impl: _decide(impl, T, last.get(impl), before_last.get(impl)) for impl in impls}
+        truth = dict(base, impl="truth", status="skip", error="no implementation runs at this length")
+        if any(ok for ok, _ in plan.values()):
+            truth = _run_child(dict(base, impl="truth"), work, timeout)
         records.append(truth)
         log(f"T={T} float64 truth: {truth['status']}" + (f" ({truth['seconds']:.0f} s)" if truth["status"] == "ok"
                                                           else f" ({truth.get('error', '')})"))
         for impl in impls:
             rec = dict(base, impl=impl)
-            ok, why = impl_status(impl)
-            prev = last.get(impl)
-            if ok and prev is not None and prev["status"] != "ok":
-                ok, why = False, f"did not train at {prev['T']} tokens ({prev['status']})"
-            if ok and T > 16384 and prev is not None and prev.get("step_s", 0) > STEP_LIMIT_S / 4:
-                ok, why = False, (f"its {prev['T']}-token step took {prev['step_s']:.0f} s: a {T}-token step would "
-                                  f"exceed {STEP_LIMIT_S // 60} minutes")
+            ok, why = plan[impl]
             if not ok:
                 res = dict(rec, status="skip", error=why)
             else:
                 res = _run_child(rec, work, timeout)
                 if impl == "trl-liger" and res["status"] == "error":  # Liger's kernels cannot run here
-                    res = dict(rec, status="skip", error=f"Liger's kernels do not run here: {res.get('error', '')}")
-                last[impl] = res
+                    res = dict(rec, status="skip", error=_liger_reason(res.get("error", "")))
+                before_last[impl], last[impl] = last.get(impl), res
             if res["status"] == "ok" and truth["status"] == "ok":
                 res["loss_rel_err"] = abs(res["loss"] - truth["loss"]) / abs(truth["loss"])
                 res["margins_rel_err"] = abs(res["margins"] - truth["margins"]) / abs(truth["margins"])
