@@ -6,8 +6,8 @@ reference forward without gradient, AdamW. Every (length, implementation) runs a
 (the pattern of bench/long.py), so "out of memory" is a measured outcome. Implementations (rows):
 
   prefopt       prefopt's trainer, `prefopt train --long_context N` (packed 2N-token row, prefopt_sdpa attention)
-  trl           TRL's DPOTrainer as installed (TRL >= 1.0 scores tokens with its own chunked log-prob head)
-  trl-eager     the same trainer with the eager head TRL had before 1.0: the model's logits, log_softmax, gather
+  trl           TRL's DPOTrainer as installed (TRL 1.16 scores tokens with its own chunked log-prob head)
+  trl-eager     the same trainer with the eager head of older TRL releases: the model's logits, log_softmax, gather
   trl-liger     TRL's DPOTrainer with use_liger_kernel=True (Liger's layer kernels; a skip where they cannot run)
   trl-prefopt   TRL with prefopt's drop-in (prefopt.integrations.trl.PrefoptDPOTrainer)
 
@@ -47,7 +47,7 @@ TRUTH_CHUNK = 256       # tokens per float64 logits chunk of the truth (256 x 12
 IMPLS = {
     "prefopt": "prefopt trainer (`prefopt train --long_context N`)",
     "trl": "TRL DPOTrainer (its chunked log-prob head)",
-    "trl-eager": "TRL DPOTrainer, eager head (logits, as TRL < 1.0)",
+    "trl-eager": "TRL DPOTrainer, eager head (logits, as older TRL)",
     "trl-liger": "TRL DPOTrainer, use_liger_kernel=True",
     "trl-prefopt": "TRL + prefopt drop-in (PrefoptDPOTrainer)",
 }
@@ -144,7 +144,7 @@ def step_prefopt(n_tokens, work):
 
 def _eager_head(model):
     """Make `model(..., fused_lm_head=True)` (what TRL's DPOTrainer calls) compute TRL's outputs from the model's
-    own logits, as TRL's head did before 1.0: log_softmax over [B, T, V] logits, gather, entropy from them."""
+    own logits, as older TRL releases did: log_softmax over [B, T, V] logits, gather, entropy from them."""
     import types
 
     import torch
@@ -320,41 +320,67 @@ def impl_status(impl):
     return True, ""
 
 
+def _liger_reason(error):
+    if "active drivers" in error:  # triton finds no GPU driver
+        return ("Liger's kernels are Triton GPU kernels and Triton finds no GPU driver here (`" + error + "`); "
+                "with use_liger_kernel=True TRL 1.16 swaps in only Liger's layer kernels (RMSNorm, RoPE, SwiGLU: it "
+                "turns Liger's fused linear cross-entropy off) and keeps its own chunked head")
+    return f"Liger's kernels do not run here: {error}"
+
+
+def _decide(impl, T, prev, older):
+    """(run, why not) for `impl` at T tokens, from its results at the previous two lengths."""
+    ok, why = impl_status(impl)
+    if ok and prev is not None and prev["status"] != "ok":
+        return False, f"did not train at {prev['T']} tokens ({prev['status']})"
+    if ok and T > 16384 and prev is not None:
+        growth = 2.0 if older is None or older.get("status") != "ok" else max(2.0, prev["step_s"] / older["step_s"])
+        predicted = prev["step_s"] * growth * T / (2 * prev["T"])
+        if predicted > STEP_LIMIT_S:
+            return False, (f"its {prev['T']}-token step took {prev['step_s']:.0f} s; growing {growth:.1f}x per "
+                           f"doubling, a {T}-token step would take ~{predicted / 60:.0f} minutes (over "
+                           f"{STEP_LIMIT_S // 60})")
+    return ok, why
+
+
+def _add_errors(res, truth):
+    if res["status"] == "ok" and truth is not None and truth["status"] == "ok":
+        res["loss_rel_err"] = abs(res["loss"] - truth["loss"]) / abs(truth["loss"])
+        res["margins_rel_err"] = abs(res["margins"] - truth["margins"]) / abs(truth["margins"])
+    return res
+
+
 def run_long_train(*, lengths=LENGTHS, impls=tuple(IMPLS), cap_gb=DEFAULT_CAP_GB, timeout=3600, threads=None,
-                   work=None, log=print, results_path=None):
+                   work=None, log=print, results_path=None, truth=True):
     """Every length x implementation in a capped child, plus a float64 truth per length -> records.
 
     A length beyond the first runs an implementation only if its previous length trained (a step that ran out of
-    memory at N does at 2N too: recorded as skipped), and 32768 only if its 16384 step took under a quarter of
-    STEP_LIMIT_S (attention makes the step at least twice as long, in practice about four times)."""
+    memory at N does at 2N too: recorded as skipped), and a length beyond 16384 only if the step it predicts stays
+    under STEP_LIMIT_S: the last step's seconds times the growth factor of the last doubling (at least 2)."""
     work = work or tempfile.mkdtemp(prefix="prefopt-long-train-")
-    records, last = [], {}
+    records, last, before_last = [], {}, {}
     for T in lengths:
         base = dict(T=T, threads=threads, cap_gb=cap_gb)
-        truth = _run_child(dict(base, impl="truth"), work, timeout)
-        records.append(truth)
-        log(f"T={T} float64 truth: {truth['status']}" + (f" ({truth['seconds']:.0f} s)" if truth["status"] == "ok"
-                                                          else f" ({truth.get('error', '')})"))
+        plan = {impl: _decide(impl, T, last.get(impl), before_last.get(impl)) for impl in impls}
+        exact = dict(base, impl="truth", status="skip", error="no implementation runs at this length")
+        if not truth:
+            exact["error"] = "not run (--no-truth)"
+        elif any(ok for ok, _ in plan.values()):
+            exact = _run_child(dict(base, impl="truth"), work, timeout)
+        records.append(exact)
+        log(f"T={T} float64 truth: {exact['status']}" + (f" ({exact['seconds']:.0f} s)" if exact["status"] == "ok"
+                                                          else f" ({exact.get('error', '')})"))
         for impl in impls:
             rec = dict(base, impl=impl)
-            ok, why = impl_status(impl)
-            prev = last.get(impl)
-            if ok and prev is not None and prev["status"] != "ok":
-                ok, why = False, f"did not train at {prev['T']} tokens ({prev['status']})"
-            if ok and T > 16384 and prev is not None and prev.get("step_s", 0) > STEP_LIMIT_S / 4:
-                ok, why = False, (f"its {prev['T']}-token step took {prev['step_s']:.0f} s: a {T}-token step would "
-                                  f"exceed {STEP_LIMIT_S // 60} minutes")
+            ok, why = plan[impl]
             if not ok:
                 res = dict(rec, status="skip", error=why)
             else:
                 res = _run_child(rec, work, timeout)
                 if impl == "trl-liger" and res["status"] == "error":  # Liger's kernels cannot run here
-                    res = dict(rec, status="skip", error=f"Liger's kernels do not run here: {res.get('error', '')}")
-                last[impl] = res
-            if res["status"] == "ok" and truth["status"] == "ok":
-                res["loss_rel_err"] = abs(res["loss"] - truth["loss"]) / abs(truth["loss"])
-                res["margins_rel_err"] = abs(res["margins"] - truth["margins"]) / abs(truth["margins"])
-            records.append(res)
+                    res = dict(rec, status="skip", error=_liger_reason(res.get("error", "")))
+                before_last[impl], last[impl] = last.get(impl), res
+            records.append(_add_errors(res, exact))
             log(f"  {impl}: {res['status']}" + (f" peak {res['peak_mib']:.0f} MiB, step {res['step_s']:.1f} s, "
                                                 f"loss {res['loss']:.6f}, margins {res['margins']:+.6f}"
                                                 if res["status"] == "ok" else f" ({res.get('error', '')})"))
@@ -400,23 +426,27 @@ def plot(records, path, cap_gb):
     import matplotlib.pyplot as plt
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(12, 4.2))
     markers = dict(zip(IMPLS, "so^Dv"))
+    colors = dict(zip(IMPLS, ("C0", "C1", "C3", "C4", "C2")))
     for impl in IMPLS:
         rows = sorted((r for r in records if r["impl"] == impl), key=lambda r: r["T"])
         ok = [r for r in rows if r["status"] == "ok"]
-        if not rows:
-            continue
-        line, = ax_mem.plot([r["T"] for r in ok], [r["peak_mib"] for r in ok], marker=markers[impl], label=impl)
-        ax_time.plot([r["T"] for r in ok], [r["step_s"] for r in ok], marker=markers[impl], label=impl)
-        for r in rows:
-            if r["status"] == "oom":
-                ax_mem.scatter([r["T"]], [cap_gb * 1024], marker="x", s=90, color=line.get_color())
+        oom = [r for r in rows if r["status"] == "oom"]
+        if ok:
+            ax_mem.plot([r["T"] for r in ok], [r["peak_mib"] for r in ok], marker=markers[impl], label=impl,
+                        color=colors[impl])
+            ax_time.plot([r["T"] for r in ok], [r["step_s"] for r in ok], marker=markers[impl], label=impl,
+                         color=colors[impl])
+        if oom:
+            ax_mem.scatter([r["T"] for r in oom], [cap_gb * 1024] * len(oom), marker="x", s=90,
+                           color=colors[impl], label=f"{impl}: out of memory")
     ax_mem.axhline(cap_gb * 1024, color="grey", lw=0.8, ls="--")
-    ax_mem.text(ax_mem.get_xlim()[0], cap_gb * 1024, f" {cap_gb:g} GiB address-space cap (x: out of memory)",
-                va="bottom", fontsize=8, color="grey")
+    ax_mem.annotate(f"{cap_gb:g} GiB address-space cap", (1.0, cap_gb * 1024), xycoords=("axes fraction", "data"),
+                    xytext=(-4, -12), textcoords="offset points", ha="right", fontsize=8, color="grey")
     for ax in (ax_mem, ax_time):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens per sequence (one pair)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center right")
+    ax_mem.set_ylim(0, cap_gb * 1024 * 1.08)
     ax_mem.set_ylabel("peak RSS during the step (MiB)")
     ax_time.set_ylabel("step seconds (shared 2-core CPU)")
     ax_time.set_yscale("log")
@@ -425,6 +455,25 @@ def plot(records, path, cap_gb):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def merged_records(paths):
+    """The records of several saved runs (long_train.json), a later file's (T, impl) replacing an earlier one's
+    where it measured something (a row skipped in a later run keeps the earlier measurement)."""
+    merged, order = {}, []
+    for path in paths:
+        with open(path) as f:
+            for r in json.load(f)["records"]:
+                key = (r["T"], r["impl"])
+                if key not in merged:
+                    order.append(key)
+                if key not in merged or r["status"] != "skip":
+                    merged[key] = r
+    impl_order = ["truth"] + list(IMPLS)
+    records = [merged[k] for k in sorted(order, key=lambda k: (k[0], impl_order.index(k[1])))]
+    for r in records:  # against the truth of its length, whichever run computed it
+        _add_errors(r, merged.get((r["T"], "truth")))
+    return records
 
 
 def parser(prog):
@@ -438,6 +487,11 @@ def parser(prog):
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
     p.add_argument("--out", default=None, help="output directory (default: bench/results/ or ./prefopt-bench-results)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-truth", action="store_true", help="skip the float64 truth (e.g. one a saved run has: "
+                   "--from-json adds the errors against it)")
+    p.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: the table and plot of saved runs (long_train.json files, later ones replacing "
+                   "earlier rows they measured)")
     return p
 
 
@@ -447,11 +501,20 @@ def main_long_train(args, log=None):
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out_dir = args.out or default_out_dir()
     os.makedirs(out_dir, exist_ok=True)
+    if args.from_json:
+        records = merged_records(args.from_json)
+        table = markdown(records, args.cap_gb)
+        with open(os.path.join(out_dir, "long_train.md"), "w") as f:
+            f.write(table + "\n")
+        if not args.no_plots:
+            plot(records, os.path.join(out_dir, "long_train.png"), args.cap_gb)
+        print(table)
+        return 0
     lengths = args.lengths or (QUICK_LENGTHS if args.quick else LENGTHS)
     start = time.perf_counter()
     json_path = os.path.join(out_dir, "long_train.json")
     records = run_long_train(lengths=lengths, impls=tuple(args.impls), cap_gb=args.cap_gb, timeout=args.timeout,
-                             threads=args.threads, log=log, results_path=json_path)
+                             threads=args.threads, log=log, results_path=json_path, truth=not args.no_truth)
     env = environment("cpu", argv=["--long-train"] + [str(n) for n in lengths])
     env.update(cap_gb=args.cap_gb, elapsed_s=round(time.perf_counter() - start, 1), beta=BETA, ref_noise=REF_NOISE)
     table = markdown(records, args.cap_gb)

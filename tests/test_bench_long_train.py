@@ -28,3 +28,16 @@ def test_long_train_small_length_and_out_of_memory(tmp_path):
     # eager logits of a 2048-token pair: [2, 2047, 128256] float32 = 2 GiB, plus their log_softmax, under 4 GiB
     oom = _run_child(dict(T=2048, threads=1, cap_gb=4.0, impl="trl-eager"), str(tmp_path), 600)
     assert oom["status"] == "oom", oom
+
+
+def test_lengths_past_16k_run_only_when_the_predicted_step_fits():
+    from bench.long_train import STEP_LIMIT_S, _decide, markdown
+    ok8 = dict(T=8192, status="ok", step_s=100.0)
+    assert _decide("prefopt", 16384, ok8, None) == (True, "")                       # the lengths always run
+    assert _decide("prefopt", 32768, dict(T=16384, status="ok", step_s=250.0), ok8)[0]          # 2.5x -> ~10 min
+    run, why = _decide("prefopt", 32768, dict(T=16384, status="ok", step_s=400.0), ok8)         # 4x -> ~27 min
+    assert not run and f"over {STEP_LIMIT_S // 60}" in why
+    run, why = _decide("trl", 8192, dict(T=4096, status="oom"), None)
+    assert not run and "did not train at 4096 tokens (oom)" in why
+    table = markdown([dict(T=8192, impl="trl", status="skip", error=why)], 12.0)
+    assert "| 8192 | TRL DPOTrainer (its chunked log-prob head) | skipped: did not train at 4096" in table

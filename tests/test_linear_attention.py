@@ -206,3 +206,21 @@ def test_sliding_window_model_equals_sdpa():
 def test_eager_models_are_left_alone():
     model = tiny_model(tiny_gemma2_config(VOCAB), seed=0)  # eager: Gemma 2's attention softcapping
     assert not use_linear_attention(model) and model.config._attn_implementation == "eager"
+
+
+def test_trainer_padding_free_step_runs_no_square_op(tmp_path):
+    """The trainer's packed micro-batch (the long-sequence recipe) goes through prefopt_sdpa: no op of its forward or
+    backward makes a [N, N] tensor, N the packed row's length (above every other dimension here)."""
+    from prefopt.trainer import TrainConfig, Trainer
+    trainer = Trainer(TrainConfig(output_dir=str(tmp_path / "run"), padding_free=True, per_device_train_batch_size=8,
+                                  gradient_checkpointing=True, model_config={"hidden_size": 32}, max_steps=1))
+    trainer.ref_table = None  # what train() sets before its loop (no precomputed reference)
+    batch = trainer._batch(list(range(8)))
+    length = batch["input_ids"].shape[1]
+    assert length > max(trainer.tokenizer.vocab_size, 64) and batch["cu_seqlens"].numel() == 17
+    probe = _SquareTensors(length)
+    with _segment_calls() as calls, probe:
+        loss, _ = trainer._micro_loss(list(range(8)))
+        loss.backward()
+    assert calls[0] >= 6 and not probe.found, probe.found[:3]  # policy, recomputation and reference, 2 layers each
+    assert trainer.module.config._attn_implementation == ATTENTION_NAME
