@@ -2,8 +2,8 @@
 
 --train (default): one long-sequence training step, `prefopt train --long_context N --context_parallel R`, for N in
   --lengths and R in --ranks (R = 2b: --context_parallel_balanced), each in its own `torchrun --nproc_per_node=R`
-  (R = 1 runs the same worker without a split). Every rank builds the preset's Trainer (random-init Llama hidden 128 x 2 layers, V = 128256, one generated
-  pair packed into a 2N-token row, gradient checkpointing, live frozen-copy reference), notes its RSS, resets its
+  (R = 1 runs the same worker without a split). Every rank builds the preset's Trainer (random-init Llama hidden
+  128 x 2 layers, V = 128256, one generated pair packed into a 2N-token row, gradient checkpointing, live frozen-copy reference), notes its RSS, resets its
   peak (/proc/self/clear_refs = 5) and trains one step. Reported per rank: RSS before the step, the peak RSS of the
   forward + backward (VmHWM when the optimizer step begins) and of the whole step (the trainer's own VmHWM reading
   right after the optimizer step, which adds AdamW's first-step state and its temporaries), the step's wall seconds
@@ -30,15 +30,11 @@ import sys
 import tempfile
 import time
 
+from prefopt.bench.measure import reset_peak_rss, status_mib  # also when run as a script (the torchrun worker)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _status_mib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,7 +57,7 @@ def _spec(ranks):
 
 def train_worker(n_tokens, spec, work, out_path):
     ranks, balanced = _spec(spec)
-    from bench.measure import _fixed_mmap_threshold
+    from prefopt.bench.measure import _fixed_mmap_threshold
     _fixed_mmap_threshold()  # glibc hands freed blocks >= 1 MiB back, so peak RSS tracks live memory (bench/measure.py)
     from prefopt.trainer import TrainConfig, Trainer
 
@@ -77,15 +73,14 @@ def train_worker(n_tokens, spec, work, out_path):
     step = trainer.optimizer.step
 
     def timed_step(*a, **kw):  # the step's CPU seconds end at its optimizer update, as the trainer's step time does
-        cpu.setdefault("fwd_bwd_peak", _status_mib("VmHWM"))  # forward + backward, before AdamW's first-step state
+        cpu.setdefault("fwd_bwd_peak", status_mib("VmHWM"))  # forward + backward, before AdamW's first-step state
         out = step(*a, **kw)
         cpu.setdefault("end", time.process_time())
         return out
 
     trainer.optimizer.step = timed_step
-    start = _status_mib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    start = status_mib("VmRSS")
+    reset_peak_rss()
     cpu["start"] = time.process_time()
     # train() tears the process group down at its end: exchange the records through files instead
     record = trainer.train()["history"][0]

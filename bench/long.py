@@ -94,17 +94,11 @@ def _step(impl, inp):
 
 def child(spec, out_path):
     """Runs in its own process: cap, import torch, build inputs, one measured step, save the results."""
-    import resource
-    if spec["cap_gb"]:
-        cap = int(spec["cap_gb"] * 2 ** 30)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     result = dict(spec)
     try:
+        from .measure import PeakMemory, capped_child
+        capped_child(spec)
         import torch
-        from .measure import PeakMemory, _fixed_mmap_threshold
-        _fixed_mmap_threshold()
-        if spec.get("threads"):
-            torch.set_num_threads(spec["threads"])
         dtype = torch.float64 if spec["truth"] else torch.float32
         inp = make_inputs(spec["T"], spec["H"], spec["V"], dtype)
         if spec["truth"]:

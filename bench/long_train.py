@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+from .measure import capped_child, reset_peak_rss, status_mib
+
 BETA = 0.1
 LEARNING_RATE = 1e-6
 SEED = 42              # TrainConfig's default seed: the preset generates the pair from it
@@ -107,22 +109,6 @@ def trl_dataset(example):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# memory probes (Linux /proc)
-# ----------------------------------------------------------------------------------------------------------------
-def _status_mib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # one step of each implementation (run inside the capped child)
 # ----------------------------------------------------------------------------------------------------------------
 def step_prefopt(n_tokens, work):
@@ -135,8 +121,8 @@ def step_prefopt(n_tokens, work):
                                  "overwrite": True, "disable_tqdm": True, "save_total_limit": 1})
     trainer = Trainer(cfg, model=policy, tokenizer=synthetic_tokenizer(), ref_model=reference)
     assert trainer.data.examples[0] == pair(n_tokens)
-    start = _status_mib("VmRSS")
-    _reset_peak()
+    start = status_mib("VmRSS")
+    reset_peak_rss()
     record = trainer.train()["history"][0]
     return dict(loss=record["loss"], margins=record["rewards/margins"], step_s=record["step_seconds"],
                 peak_mib=record["peak_rss_mib"], start_mib=start)
@@ -190,7 +176,7 @@ def step_trl(n_tokens, work, impl):
 
         def on_step_end(self, args, state, control, **kwargs):
             timing["step_s"] = time.perf_counter() - timing["t0"]
-            timing["peak_mib"] = _status_mib("VmHWM")
+            timing["peak_mib"] = status_mib("VmHWM")
 
     cls = DPOTrainer
     if impl == "trl-prefopt":
@@ -210,8 +196,8 @@ def step_trl(n_tokens, work, impl):
     if impl == "trl-eager":
         _eager_head(trainer.model)
         _eager_head(trainer.ref_model)
-    start = _status_mib("VmRSS")
-    _reset_peak()
+    start = status_mib("VmRSS")
+    reset_peak_rss()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()
@@ -256,17 +242,9 @@ def step_truth(n_tokens):
 
 def child(spec, out_path):
     """Runs in its own process: cap, import torch, one measured step, save the results."""
-    import resource
-    if spec.get("cap_gb"):
-        cap = int(spec["cap_gb"] * 2 ** 30)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     result = dict(spec)
     try:
-        import torch
-        from .measure import _fixed_mmap_threshold
-        _fixed_mmap_threshold()
-        if spec.get("threads"):
-            torch.set_num_threads(spec["threads"])
+        capped_child(spec)
         with tempfile.TemporaryDirectory(prefix="prefopt-long-train-") as work:
             if spec["impl"] == "truth":
                 out = step_truth(spec["T"])

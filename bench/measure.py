@@ -42,15 +42,40 @@ def _rss() -> int:
         return psutil.Process().memory_info().rss
 
 
-def _hwm() -> int | None:
+def status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in MiB; NaN where it is missing."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return None
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    """Reset the process's peak-RSS high-water mark (VmHWM; Linux >= 4.0); OSError where it is not writable."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def capped_child(spec) -> None:
+    """Start of a benchmark child process: the address-space cap `spec["cap_gb"]` (RLIMIT_AS, before torch is
+    imported, so the cap covers everything), a fixed mmap threshold, and `spec["threads"]` torch threads."""
+    import resource
+    if spec.get("cap_gb"):
+        cap = int(spec["cap_gb"] * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    import torch
+    _fixed_mmap_threshold()
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+
+
+def _hwm() -> int | None:
+    mib = status_mib("VmHWM")
+    return None if mib != mib else int(mib * 1024 * 1024)
 
 
 def _trim():
@@ -113,8 +138,7 @@ class PeakMemory:
         self.baseline = _rss()
         self._sampler = None
         try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")           # reset the peak-RSS high-water mark (Linux >= 4.0)
+            reset_peak_rss()
             self.method = "VmHWM after clear_refs=5"
         except OSError:
             self._sampler = _Sampler()

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("psutil")
 
-from bench.__main__ import main  # noqa: E402
+from prefopt.bench.__main__ import main  # noqa: E402
 
 EPS32 = 2.0 ** -24  # unit roundoff of float32, the dtype of every case here
 
@@ -84,7 +84,7 @@ def test_an_output_of_another_shape_is_a_failure(tmp_path, monkeypatch):
     import torch
 
     from bench import measure
-    from bench.cases import Case, Impl
+    from prefopt.bench.cases import Case, Impl
     saved = {"eager": dict(out=torch.zeros(16), grad_hidden=torch.zeros(16, 8)),
              "short-out": dict(out=torch.zeros(15), grad_hidden=torch.zeros(16, 8)),
              "no-grad": dict(out=torch.zeros(16)),
@@ -112,7 +112,7 @@ def test_an_output_of_another_shape_is_a_failure(tmp_path, monkeypatch):
 
 
 def test_reference_case_is_in_the_grid():
-    from bench.cases import default_grid
+    from prefopt.bench.cases import default_grid
     for quick in (False, True):
         ref = [c for c in default_grid(quick=quick) if c.tag == "reference"]
         assert {c.kind for c in ref} == {"uniform", "lm"}
@@ -121,8 +121,8 @@ def test_reference_case_is_in_the_grid():
 
 
 def test_lm_inputs_are_calibrated():
-    from bench.cases import Case
-    from bench.inputs import build, measured_entropy
+    from prefopt.bench.cases import Case
+    from prefopt.bench.inputs import build, measured_entropy
     ent = measured_entropy(build(Case("linear", 256, 64, 4096, "float32", "lm")))
     assert 1.0 <= ent <= 3.0
     ent_uniform = measured_entropy(build(Case("linear", 64, 64, 4096, "float32", "uniform")))
@@ -143,7 +143,7 @@ def test_long_sequence_set_quick(tmp_path):
         assert by[("prefopt", T)]["ratio_err"] <= max(by[("eager", T)]["ratio_err"], 1e-5)
     assert by[("liger", 1024)]["status"] == "skip"
     # Under a 1.5 GiB address-space cap, eager's [2T, V] float32 logits (512 MiB each) fail; prefopt trains.
-    from bench.long import _run_child
+    from prefopt.bench.long import _run_child
     spec = dict(T=8192, H=16, V=8192, threads=1, truth=False, cap_gb=1.5)
     eager, _ = _run_child(dict(spec, impl="eager"), str(tmp_path), 300)
     fused, pt = _run_child(dict(spec, impl="prefopt"), str(tmp_path), 300)

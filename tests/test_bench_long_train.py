@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("trl")
 
-from bench.__main__ import main  # noqa: E402
-from bench.long_train import _run_child  # noqa: E402
+from prefopt.bench.__main__ import main  # noqa: E402
+from prefopt.bench.long_train import _run_child  # noqa: E402
 
 
 @pytest.mark.slow  # three child processes, each importing torch + transformers + TRL and building a V=128256 model
@@ -31,7 +31,7 @@ def test_long_train_small_length_and_out_of_memory(tmp_path):
 
 
 def test_lengths_past_16k_run_only_when_the_predicted_step_fits():
-    from bench.long_train import STEP_LIMIT_S, _decide, markdown
+    from prefopt.bench.long_train import STEP_LIMIT_S, _decide, markdown
     ok8 = dict(T=8192, status="ok", step_s=100.0)
     assert _decide("prefopt", 16384, ok8, None) == (True, "")                       # the lengths always run
     assert _decide("prefopt", 32768, dict(T=16384, status="ok", step_s=250.0), ok8)[0]          # 2.5x -> ~10 min

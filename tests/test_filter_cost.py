@@ -144,7 +144,7 @@ class _GemmMacs(TorchDispatchMode):
 def _inputs(law, likely):
     """256 tokens x 4096 entries (one tile of 4 x 32 blocks), H=64: each token's softmax over a cluster of `likely`
     adjacent entries (bench/filtering.py `cluster_inputs`, frequency-ordered), clusters drawn by `law`."""
-    from bench.filtering import cluster_inputs
+    from prefopt.bench.filtering import cluster_inputs
     hidden, weight, _, labels, _ = cluster_inputs(256, 64, 4096, torch.float32, likely, law, "frequency")
     return hidden, weight, labels
 
@@ -293,7 +293,7 @@ def test_cost_model_prices_the_filter_test_and_the_sorted_gather():
 def test_the_sweep_bench_writes_its_table(tmp_path, capsys):
     """`python -m bench --filtering` at a tiny shape: every point of the chosen laws in both orders, the three ways
     measured, the JSON and the markdown table written (the figures themselves are docs/bench.md's, from a real run)."""
-    from bench.__main__ import main
+    from prefopt.bench.__main__ import main
     assert main(["--filtering", "--tokens", "64", "--hidden", "16", "--vocab", "1024", "--repeats", "2",
                  "--laws", "lm", "zipf", "--out", str(tmp_path)]) == 0
     import json

@@ -34,15 +34,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ATTENTION_NAME", "register", "use_linear_attention", "linear_attention_forward", "segment_mask",
-           "segments_of"]
+__all__ = ["ATTENTION_NAME", "register", "register_with_transformers", "use_linear_attention", "linear_attention_forward",
+           "segment_mask", "segments_of"]
 
 ATTENTION_NAME = "prefopt_sdpa"
 
 # keywords of an attention call whose semantics the per-segment path does not implement (transformers' sdpa either
 # handles them with a materialised mask or raises its own error)
 _STOCK_ONLY = ("softcap", "position_bias", "s_aux", "sinks")
-_registered = False
+_registered: set = set()  # names registered with transformers by this process
 
 
 def register() -> bool:
@@ -50,17 +50,22 @@ def register() -> bool:
 
     False when this transformers has no `AttentionMaskInterface` (older than the mask-interface refactor): the
     models then keep their own attention."""
-    global _registered
-    if _registered:
+    return register_with_transformers(ATTENTION_NAME, linear_attention_forward, segment_mask)
+
+
+def register_with_transformers(name, attention, mask) -> bool:
+    """Register an attention function and its mask function under `name` with transformers' `AttentionInterface`
+    and `AttentionMaskInterface` (idempotent); False when this transformers has no mask interface."""
+    if name in _registered:
         return True
     try:
         from transformers.masking_utils import AttentionMaskInterface
         from transformers.modeling_utils import AttentionInterface
     except ImportError:  # pragma: no cover - transformers < 4.53
         return False
-    AttentionInterface.register(ATTENTION_NAME, linear_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, segment_mask)
-    _registered = True
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, mask)
+    _registered.add(name)
     return True
 
 

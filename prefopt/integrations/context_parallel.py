@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 import prefopt
-from prefopt.integrations.attention import _STOCK_ONLY, linear_attention_forward, segment_mask
+from prefopt.integrations.attention import (_STOCK_ONLY, linear_attention_forward, register_with_transformers,
+                                            segment_mask)
 from prefopt.integrations.transformers import (_call_target, install_prefopt_forward, packed_cu_seqlens, shift_labels,
                                                unwrap_model)
 from prefopt.parallel.attention import context_attention
@@ -33,26 +34,14 @@ __all__ = ["ATTENTION_NAME", "SPLIT_KEYWORD", "register", "use_context_parallel"
 
 ATTENTION_NAME = "prefopt_cp"
 SPLIT_KEYWORD = "context_split"      # the forward keyword (and the trainer's batch key) that carries the split
-_registered = False
 
 
 def register() -> bool:
     """Register `prefopt_cp` with transformers' attention and mask interfaces (idempotent); False when this
     transformers has no mask interface."""
-    global _registered
-    if _registered:
-        return True
-    try:
-        from transformers.masking_utils import AttentionMaskInterface
-        from transformers.modeling_utils import AttentionInterface
-    except ImportError:  # pragma: no cover - transformers < 4.53
-        return False
-    AttentionInterface.register(ATTENTION_NAME, context_attention_forward)
     # the mask of a call without a split is prefopt_sdpa's (segment ids); a split call ignores it: the rank's own
     # mask says nothing about the other ranks' tokens
-    AttentionMaskInterface.register(ATTENTION_NAME, segment_mask)
-    _registered = True
-    return True
+    return register_with_transformers(ATTENTION_NAME, context_attention_forward, segment_mask)
 
 
 def use_context_parallel(model):
