@@ -22,9 +22,8 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from tests._probes import SquareTensors
 from tests._torchrun import torchrun
 
 BOUND = {"float32": 1e-5, "float64": 1e-10}
@@ -365,21 +364,6 @@ def _model_rows(group, rows):
                                                                 num_key_value_heads=2)))
 
 
-class _SquareTensors(TorchDispatchMode):
-    """Records every tensor an op creates with two dimensions of at least `length` (a [T, T] mask or score)."""
-
-    def __init__(self, length):
-        super().__init__()
-        self.length, self.found = length, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and sum(d >= self.length for d in t.shape) >= 2:
-                self.found.append((str(func), tuple(t.shape)))
-        return out
-
-
 def _probe_row(group, base_config):
     """A packed pair long enough that every local token count exceeds the model's widths (32 hidden, 64 MLP, 61
     vocabulary): no op of the split forward, backward and checkpointed recomputation creates a tensor with two
@@ -393,7 +377,7 @@ def _probe_row(group, base_config):
     ids = torch.randint(4, base_config.vocab_size, (1, sum(lengths)), generator=gen)
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     local_tokens = sum(lengths) // torch.distributed.get_world_size()
-    with _SquareTensors(local_tokens // 2) as probe:   # half a share: not even a [T_r / 2, T_r / 2] block
+    with SquareTensors(local_tokens // 2) as probe:   # half a share: not even a [T_r / 2, T_r / 2] block
         logps, _ = cp.sequence_logps(model, ids, None, torch.ones_like(ids), position_ids=pos, group=group)
         logps.sum().backward()
     return {"what": "probe", "layout": "packed", "balanced": False, "dtype": "float32",

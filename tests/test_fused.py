@@ -1,13 +1,12 @@
 """fused_linear_preference_loss against an eager path that materialises the logits (TRL's formulas)."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import prefopt
 from prefopt.losses.reference import reference_cpo_loss, reference_dpo_loss
 from prefopt.reference import linear_logprobs_ref
 from tests._backends import BACKENDS, CPU_BACKENDS
+from tests._probes import LargestTensor
 
 P, T, H, V = 2, 6, 8, 37
 
@@ -178,21 +177,6 @@ def test_bad_input(kwargs, message):
         prefopt.fused_linear_dpo_loss(hidden, weight, labels, cu_seqlens=kwargs.get("cu"), **ref)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op creates while active (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_no_logits_sized_buffer_forward_or_backward(backend):
     """At N x V far above one tile, no op of the fused DPO step creates an [N, V]-sized tensor."""
@@ -202,7 +186,7 @@ def test_no_logits_sized_buffer_forward_or_backward(backend):
     weight = (torch.randn(vocab, features) / 3).requires_grad_()
     labels = torch.randint(0, vocab, (2 * pairs, length))
     ref_hidden = hidden.detach() + 0.01 * torch.randn_like(hidden)
-    probe = _LargestTensor()
+    probe = LargestTensor()
     with prefopt.use_backend(backend), probe:
         loss, _ = prefopt.fused_linear_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=weight.detach())
         loss.backward()

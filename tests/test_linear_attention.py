@@ -8,14 +8,13 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 pytest.importorskip("transformers")
 
 import prefopt.integrations.attention as attention  # noqa: E402
 from prefopt.integrations import transformers as hf  # noqa: E402
 from prefopt.integrations.attention import ATTENTION_NAME, segments_of, use_linear_attention  # noqa: E402
+from tests._probes import SquareTensors  # noqa: E402
 from tests._tiny import tiny_gemma2_config, tiny_llama_config, tiny_model  # noqa: E402
 
 VOCAB = 61
@@ -63,21 +62,6 @@ def _segment_calls():
         yield calls
     finally:
         attention._segment_attention = inner
-
-
-class _SquareTensors(TorchDispatchMode):
-    """Records every tensor an op creates with two dimensions of at least `length` (a [T, T] mask or score)."""
-
-    def __init__(self, length):
-        super().__init__()
-        self.length, self.found = length, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and sum(d >= self.length for d in t.shape) >= 2:
-                self.found.append((str(func), tuple(t.shape)))
-        return out
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
@@ -136,7 +120,7 @@ def test_no_square_tensor_forward_or_backward():
     patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids, pos = _packed([40, 56])
     for model, expect_square in ((patched, False), (stock, True)):
-        probe = _SquareTensors(length)
+        probe = SquareTensors(length)
         with probe:
             hidden = model.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
             hidden.square().sum().backward()
@@ -153,7 +137,7 @@ def test_sequence_logps_padding_free_needs_no_setup():
     completion = torch.ones_like(ids)
     completion[0, :5] = 0
     completion[0, lengths[0]:lengths[0] + 7] = 0
-    probe = _SquareTensors(sum(lengths))
+    probe = SquareTensors(sum(lengths))
     with probe:
         packed, _ = hf.sequence_logps(model, ids, None, completion, position_ids=pos)
     assert model.config._attn_implementation == ATTENTION_NAME and not probe.found
@@ -218,7 +202,7 @@ def test_trainer_padding_free_step_runs_no_square_op(tmp_path):
     batch = trainer._batch(list(range(8)))
     length = batch["input_ids"].shape[1]
     assert length > max(trainer.tokenizer.vocab_size, 64) and batch["cu_seqlens"].numel() == 17
-    probe = _SquareTensors(length)
+    probe = SquareTensors(length)
     with _segment_calls() as calls, probe:
         loss, _ = trainer._micro_loss(list(range(8)))
         loss.backward()

@@ -3,12 +3,11 @@ equals the head on the concatenated weight, values and gradients, on every backe
 creates a [V, H + R] or [N, V] tensor."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import prefopt
 import prefopt.split_weight as split_weight
 from tests._backends import BACKENDS
+from tests._probes import LargestTensor
 
 N, H, R, V = 19, 7, 3, 300   # V = 2 full slabs of 128 rows + one of 44 when SLAB_BYTES is one row block
 
@@ -114,21 +113,6 @@ def test_bad_extra_weight():
         prefopt.linear_logprobs(hidden[:, :H], weight, labels, extra_weight=extra)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """The largest tensor any op creates while active (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_no_full_block_nor_logits(small_slabs):
     """With W frozen (LoRA), no op creates the [V, H + R] concatenation, its gradient, or [N, V] logits: the largest
     tensors are W's own size class at most (E's gradient [V, R], the hidden gradient [N, H + R], one slab block)."""
@@ -138,7 +122,7 @@ def test_no_full_block_nor_logits(small_slabs):
     weight = torch.randn(v, h, dtype=torch.float64, generator=g)
     extra = torch.randn(v, r, dtype=torch.float64, generator=g, requires_grad=True)
     labels = torch.randint(0, v, (n,), generator=g)
-    with _LargestTensor() as probe:
+    with LargestTensor() as probe:
         out = prefopt.linear_logprobs(hidden, weight, labels, extra_weight=extra, return_entropy=True,
                                       logits_cache_mb=0)
         (out[0].sum() + out[1].sum()).backward()
