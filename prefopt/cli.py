@@ -1,6 +1,6 @@
 """`prefopt` command line: train | plot | bench | info.
 
-    prefopt train                                # embedded demo: tiny random Llama, shipped data, ~30 s CPU
+    prefopt train                                # embedded demo: tiny random Llama, shipped data, < 1 min CPU
     prefopt train --config run.yaml --beta 0.2   # YAML/JSON settings, flags override them
     prefopt train --output_dir runs/x --resume   # continue runs/x from its newest checkpoint
     torchrun --nproc_per_node=2 -m prefopt train --output_dir runs/ddp
