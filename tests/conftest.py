@@ -31,10 +31,12 @@ def _seed():
     torch.manual_seed(0)
 
 
-# Tests of what prefopt integrates with (transformers, the TRL drop-in, Liger's forms, FSDP through accelerate,
-# the dependency checks): `.ci/run` runs them a second time against the newest releases (`-m integration`).
+# Tests of what prefopt integrates with (transformers and its attention / mask interfaces, the TRL drop-in, PEFT
+# adapters, Liger's forms, FSDP through accelerate, the dependency checks): `.ci/run` runs them a second time
+# against the newest releases (`-m integration`).
 INTEGRATION_FILES = {"test_integrations_transformers.py", "test_integrations_trl.py", "test_liger_forms.py",
-                     "test_fsdp.py", "test_ecosystem.py"}
+                     "test_fsdp.py", "test_ecosystem.py", "test_lora_head.py", "test_moe_vlm.py",
+                     "test_linear_attention.py", "test_context_parallel.py", "test_long_context.py"}
 
 
 def pytest_collection_modifyitems(config, items):
