@@ -41,8 +41,12 @@ class TrainConfig:
     """Overrides of the tiny model's config (e.g. {"hidden_size": 128, "num_hidden_layers": 4})."""
     tokenizer: Optional[str] = None
     """Local HF tokenizer directory or tokenizer.json file; default: the shipped character tokenizer."""
+    processor: Optional[str] = None
+    """Local HF processor directory (AutoProcessor) for a dataset with images; default: `model` when it is a local
+    directory holding a processor. Image rows are tokenized by it (docs/trainer.md "Image rows")."""
     dataset: Optional[str] = None
-    """Preference JSONL (prompt/chosen/rejected, or prompt/completion/label for KTO); default: shipped data."""
+    """Preference JSONL (prompt/chosen/rejected, or prompt/completion/label for KTO; paired rows may carry `images`);
+    default: shipped data."""
     output_dir: Optional[str] = None
     """Run directory; default runs/<timestamp>."""
     resume: Optional[str] = None

@@ -5,6 +5,8 @@ Row formats (TRL's standard and conversational formats):
   unpaired {"prompt": ..., "completion": ..., "label": true|false}          (KTO)
 Messages are {"role": ..., "content": ...} dicts. Tokenized: prompt = [bos] + prompt tokens,
 completion = completion tokens + [eos]. Only completion tokens are scored.
+Paired rows may carry images (TRL's vision format): `images` [file, ...] or `image` file, paths relative to the JSONL
+file; such a dataset is tokenized and batched by `prefopt.trainer.images` (a processor instead of a tokenizer).
 """
 from __future__ import annotations
 
@@ -103,7 +105,24 @@ def _parse_row(raw: bytes, lineno: int, path: str):
                 raise _BadRow(f"{path}:{lineno}: 'label' must be true or false, got {row[k]!r}")
         else:
             _check_text(row[k], f"{path}:{lineno}: field {k!r}")
+    if "images" in row or "image" in row:
+        row["images"] = _image_files(row, f"{path}:{lineno}", os.path.dirname(os.path.abspath(path)))
+        row.pop("image", None)
     return row, row_kind
+
+
+def _image_files(row, where, folder):
+    """The row's image files as absolute paths (TRL's `images` list, or its single `image`), each one present."""
+    both = "images" in row and "image" in row
+    files = row["images"] if "images" in row else [row["image"]]
+    if both or not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+        raise _BadRow(f"{where}: 'images' must be a list of image file paths (or 'image' one path), not both, "
+                      f"got {str(row.get('images', row.get('image')))[:60]!r}")
+    out = [os.path.join(folder, f) for f in files]
+    for f, full in zip(files, out):
+        if not os.path.isfile(full):
+            raise _BadRow(f"{where}: image file {f!r} does not exist (paths are relative to the JSONL file)")
+    return out
 
 
 def _check_text(value, where):
@@ -240,6 +259,15 @@ def tokenize_rows(rows, kind, tokenizer: TextTokenizer, max_length=None, max_pro
 def load_dataset(path, tokenizer, max_length=None, max_prompt_length=None, truncation_mode="keep_end",
                  skip_bad_rows=False):
     rows, kind, skipped = read_jsonl(path, skip_bad_rows)
+    return text_dataset(rows, kind, skipped, path, tokenizer, max_length, max_prompt_length, truncation_mode)
+
+
+def text_dataset(rows, kind, skipped, path, tokenizer, max_length=None, max_prompt_length=None,
+                 truncation_mode="keep_end"):
+    """The rows of `read_jsonl` tokenized by a text tokenizer (rows with images need a processor)."""
+    if any("images" in r for r in rows):
+        raise PrefoptInputError(f"{path} has rows with images: they need a processor (--processor DIR, a local HF "
+                                "processor directory, or --model a local vision-language model directory with one)")
     data = tokenize_rows(rows, kind, tokenizer, max_length, max_prompt_length, truncation_mode, source=path)
     data.skipped = skipped
     bad = [i for i, ex in enumerate(data.examples)

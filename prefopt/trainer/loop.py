@@ -36,7 +36,8 @@ from prefopt.weights import ld_dpo_token_weights
 from prefopt.trainer import checkpoint as ckpt
 from prefopt.trainer.config import NonFiniteError, PrefoptInputError, TrainConfig, as_jsonable, resume_mismatch
 from prefopt.trainer.data import (DEFAULT_DATASET, DEFAULT_TOKENIZER, IGNORE_INDEX, collate, epoch_order,
-                                  load_dataset, load_tokenizer)
+                                  load_tokenizer, read_jsonl, text_dataset)
+from prefopt.trainer.images import ImageRows, has_images, processor_path
 from prefopt.trainer.model import (GivenReference, PrecomputedReference, as_adapter, build_model,
                                    configure_router_aux_loss, data_fingerprint, head_operands, make_reference,
                                    state_hash)
@@ -136,6 +137,7 @@ class Trainer:
     # ---- setup (no files written) ------------------------------------------------------------------------
     def _prepare(self, model, tokenizer, ref_model=None):
         cfg = self.cfg
+        self.images = None  # rows with images: their processor (prefopt/trainer/images.py)
         if cfg.long_context and cfg.dataset is None:  # the preset's generated pairs (prefopt/trainer/long_context.py)
             from prefopt.trainer.long_context import generated_data
             if tokenizer is None and cfg.tokenizer is not None:
@@ -143,10 +145,21 @@ class Trainer:
             global_batch = cfg.per_device_train_batch_size * self.data_world * cfg.gradient_accumulation_steps
             self.tokenizer, self.data_path, self.data = generated_data(cfg, tokenizer, global_batch)
         else:
-            self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
             self.data_path = cfg.dataset or DEFAULT_DATASET
-            self.data = load_dataset(self.data_path, self.tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                     cfg.truncation_mode, skip_bad_rows=cfg.skip_bad_rows)
+            rows, kind, skipped = read_jsonl(self.data_path, cfg.skip_bad_rows)
+            processor = processor_path(cfg)
+            if has_images(rows) and processor is not None:
+                ImageRows.check(cfg, tokenizer)
+                self.images = ImageRows(processor)
+                self.tokenizer = self.images.tokenizer
+                self.data = self.images.tokenize(rows, kind, cfg.max_length, self.data_path)
+                self.data.skipped = skipped
+            elif cfg.processor is not None:
+                raise PrefoptInputError(f"--processor is for rows with images; {self.data_path} has none")
+            else:
+                self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+                self.data = text_dataset(rows, kind, skipped, self.data_path, self.tokenizer, cfg.max_length,
+                                         cfg.max_prompt_length, cfg.truncation_mode)
         self.kto = self.data.kind == "unpaired"
         if self.kto and not cfg.is_kto:
             raise PrefoptInputError(f"{self.data_path} holds unpaired rows (prompt/completion/label): use "
@@ -272,6 +285,8 @@ class Trainer:
     def _batch(self, indices, examples=None):
         rows = [self.data.examples[i] for i in indices] if examples is None else examples
         batch = collate(rows, self.data.kind, self.tokenizer.pad_id, self.cfg.padding_free)
+        if self.images is not None:  # pixel_values, image_grid_thw, ...: backbone inputs (the model adapter's)
+            batch.update(self.images.inputs(rows, batch["input_ids"].shape))
         return self.cp.shard({k: v.to(self.device) for k, v in batch.items()})
 
     def _policy(self, fn, *args):

@@ -203,9 +203,9 @@ def build_model(cfg, vocab_size: int):
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise PrefoptInputError(f"model directory {name!r} has no config.json")
-        from transformers import AutoModelForCausalLM
+        auto = _auto_class(name)
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=torch.float32)
+            model = auto.from_pretrained(name, local_files_only=True, dtype=torch.float32)
         except Exception as err:
             raise PrefoptInputError(f"model {name!r}: cannot load ({type(err).__name__}: {err})") from None
         _check_vocab(model, vocab_size)
@@ -223,6 +223,18 @@ def build_model(cfg, vocab_size: int):
         return as_adapter(model)
     raise PrefoptInputError(f"model {name!r}: expected 'tiny-llama', 'tiny-gemma2', a local HF model directory or "
                             "'package.module:factory'")
+
+
+def _auto_class(name):
+    """AutoModelForCausalLM, or AutoModelForImageTextToText for a vision-language model (LLaVA, Qwen2-VL, ...)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto import modeling_auto as auto
+    try:
+        config = type(AutoConfig.from_pretrained(name, local_files_only=True))
+    except Exception:  # the load reports it
+        return AutoModelForCausalLM
+    vlm = config in auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING and config not in auto.MODEL_FOR_CAUSAL_LM_MAPPING
+    return AutoModelForImageTextToText if vlm else AutoModelForCausalLM
 
 
 def _check_vocab(model, vocab_size):
