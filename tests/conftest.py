@@ -36,7 +36,8 @@ def _seed():
 # against the newest releases (`-m integration`).
 INTEGRATION_FILES = {"test_integrations_transformers.py", "test_integrations_trl.py", "test_liger_forms.py",
                      "test_fsdp.py", "test_ecosystem.py", "test_lora_head.py", "test_moe_vlm.py",
-                     "test_linear_attention.py", "test_context_parallel.py", "test_long_context.py"}
+                     "test_linear_attention.py", "test_context_parallel.py", "test_long_context.py",
+                     "test_trainer_vlm.py"}
 
 
 def pytest_collection_modifyitems(config, items):
