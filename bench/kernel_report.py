@@ -294,6 +294,7 @@ def describe_one(job):
                    num_stages=options.num_stages, tile=_tile_text(fn, constexprs, options),
                    constexprs={fn.arg_names[path[0]]: value for path, value in constexprs.items()},
                    divisible=sorted(fn.arg_names[path[0]] for path, value in attrs.items() if value),
+                   signature={name: ty for name, ty in signature.items() if ty != "constexpr"},
                    spec=_launches().specialisation_text(fn, signature, constexprs, attrs))
     else:
         fn, sig, cx, warps = _configs(module)[index]

@@ -1,7 +1,8 @@
 """@triton.jit helpers shared by every Triton kernel of prefopt: each formula lives here once.
 
 * ``to_acc``      : cast a loaded tile to the accumulator dtype (fp32; fp64 for fp64 inputs).
-* ``transform``   : raw logits -> z (logit_scale, optional tanh softcap, temperature) and dz/draw.
+* ``transform``   : raw logits -> z (logit_scale, optional tanh softcap, temperature) and dz/draw;
+  ``transform_params`` turns the launch's float64 scalars into its arguments.
 * ``block_stats`` / ``merge`` / ``finish`` : the online log-sum-exp fold. A fold state is
   ``(m, s, sz, s2)`` with ``m`` the running max of z and, relative to it,
   ``s = sum exp(z - m)``, ``sz = sum exp(z - m) * (z - m)``, ``s2 = sum exp(2 (z - m))``.
@@ -49,6 +50,18 @@ def transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
         z = x * inv_temp
         dz = tl.zeros_like(x) + logit_scale * inv_temp
     return z, dz
+
+
+@triton.jit
+def transform_params(logit_scale, softcap, temperature, USE_FP64: tl.constexpr):
+    """(logit_scale, softcap, 1 / temperature) of ``transform`` in the accumulator dtype.
+
+    The kernels annotate the three as tl.float64: compiled Triton binds a plain Python float as fp32, so a
+    float64 kernel would otherwise scale by temperature 0.8 rounded to fp32 (1.5e-8 relative error; the
+    interpreter keeps the double, so only a GPU showed it). The reciprocal is taken in float64 too.
+    """
+    one = tl.full((), 1.0, tl.float64)  # a float64 tensor also where the interpreter passes plain floats
+    return to_acc(one * logit_scale, USE_FP64), to_acc(one * softcap, USE_FP64), to_acc(one / temperature, USE_FP64)
 
 
 @triton.jit

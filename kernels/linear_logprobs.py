@@ -46,7 +46,7 @@ from prefopt._types import RowStats
 from prefopt.filtering import skip_counter
 
 from . import _autotune, _head_tiles
-from ._fold import dlogits, finish, fold, label_logp, merge, negligible_tile, to_acc, transform, transform_args
+from ._fold import dlogits, finish, fold, label_logp, merge, negligible_tile, to_acc, transform, transform_args, transform_params
 
 require_prefopt_name(__name__)
 
@@ -59,7 +59,8 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     else:
-        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+        # out_dtype named: triton < 3.9 defaults it to fp32 whatever acc holds, which fp64 tiles do not compile with
+        return tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -84,7 +85,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_
 
 @triton.jit
 def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, N, V, H, stride_h, stride_w, v_per_split,
-                       logit_scale, softcap, temperature,
+                       logit_scale: tl.float64, softcap: tl.float64, temperature: tl.float64,
                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_FP64: tl.constexpr,
                        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -94,10 +95,7 @@ def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, N, V, H, strid
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
-    zs = to_acc(tl.zeros((), tl.float32), USE_FP64)
-    inv_temp = 1.0 / (zs + temperature)
-    scale = zs + logit_scale
-    cap = zs + softcap
+    scale, cap, inv_temp = transform_params(logit_scale, softcap, temperature, USE_FP64)
     zero = to_acc(tl.zeros((BLOCK_N,), tl.float32), USE_FP64)
     m = zero + float("-inf")
     s = zero
@@ -153,7 +151,7 @@ def _linear_combine_kernel(part_ptr, logp_ptr, lse_ptr, ent_ptr, sq_ptr, N, n_sp
 @triton.jit
 def _linear_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
                        gh_ptr, gw_ptr, gb_ptr, skipped_ptr, order_ptr, N, V, H, stride_h, stride_w,
-                       logit_scale, softcap, temperature, filter_scale, need_gh, need_gw,
+                       logit_scale: tl.float64, softcap: tl.float64, temperature: tl.float64, filter_scale, need_gh, need_gw,
                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_FP64: tl.constexpr,
                        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                        BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr, FILTER: tl.constexpr,
@@ -176,9 +174,8 @@ def _linear_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, g_logp
         cols = tl.load(order_ptr + cols, mask=col_mask, other=0)
     acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
                        HAS_BIAS, USE_FP64, DOT_PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
-    zs = to_acc(tl.zeros((), tl.float32), USE_FP64)
-    inv_temp = 1.0 / (zs + temperature)
-    z, dz = transform(acc, zs + logit_scale, zs + softcap, inv_temp, HAS_SOFTCAP)
+    scale, cap, inv_temp = transform_params(logit_scale, softcap, temperature, USE_FP64)
+    z, dz = transform(acc, scale, cap, inv_temp, HAS_SOFTCAP)
 
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
     lse = to_acc(tl.load(lse_ptr + rows, mask=row_mask, other=0.0), USE_FP64)
@@ -262,7 +259,7 @@ def _rowmajor(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def linear_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature, want_entropy, want_sqsum,
+def linear_forward(hidden, weight, bias, labels, logit_scale: tl.float64, softcap: tl.float64, temperature: tl.float64, want_entropy, want_sqsum,
                    chunk_size=None, vocab_order=None):
     # chunk_size is a knob of the CPU chunked head; the Triton path never materialises logits. vocab_order only
     # matters to the backward (the CPU head's forward visits it so its cached tiles line up).

@@ -12,14 +12,14 @@ import triton.language as tl
 from prefopt._source_tree import require_prefopt_name
 from prefopt._types import RowStats
 
-from ._fold import dlogits, finish, fold, label_logp, to_acc, transform, transform_args
+from ._fold import dlogits, finish, fold, label_logp, to_acc, transform, transform_args, transform_params
 
 require_prefopt_name(__name__)
 
 
 @triton.jit
 def _row_fwd_kernel(logits_ptr, stride_row, labels_ptr, logp_ptr, lse_ptr, ent_ptr, sq_ptr,
-                    V, ignore_index, logit_scale, softcap, temperature,
+                    V, ignore_index, logit_scale: tl.float64, softcap: tl.float64, temperature: tl.float64,
                     HAS_SOFTCAP: tl.constexpr, USE_FP64: tl.constexpr, BLOCK_V: tl.constexpr):
     # entropy and log_sum_p2 are always folded: two FMAs per element in a memory-bound loop cost
     # nothing and halve the number of compiled variants.
@@ -27,9 +27,7 @@ def _row_fwd_kernel(logits_ptr, stride_row, labels_ptr, logp_ptr, lse_ptr, ent_p
     base = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK_V)
     zero = to_acc(tl.zeros((), tl.float32), USE_FP64)
-    inv_temp = 1.0 / (zero + temperature)
-    scale = zero + logit_scale
-    cap = zero + softcap
+    scale, cap, inv_temp = transform_params(logit_scale, softcap, temperature, USE_FP64)
     m = zero + float("-inf")
     s = zero
     sz = zero
@@ -54,7 +52,7 @@ def _row_fwd_kernel(logits_ptr, stride_row, labels_ptr, logp_ptr, lse_ptr, ent_p
 
 @triton.jit
 def _row_bwd_kernel(logits_ptr, stride_row, out_ptr, stride_out, labels_ptr, lse_ptr, ent_ptr,
-                    g_logp_ptr, g_ent_ptr, V, ignore_index, logit_scale, softcap, temperature,
+                    g_logp_ptr, g_ent_ptr, V, ignore_index, logit_scale: tl.float64, softcap: tl.float64, temperature: tl.float64,
                     HAS_SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, USE_FP64: tl.constexpr,
                     BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -62,9 +60,7 @@ def _row_bwd_kernel(logits_ptr, stride_row, out_ptr, stride_out, labels_ptr, lse
     obase = out_ptr + row * stride_out
     cols = tl.arange(0, BLOCK_V)
     zero = to_acc(tl.zeros((), tl.float32), USE_FP64)
-    inv_temp = 1.0 / (zero + temperature)
-    scale = zero + logit_scale
-    cap = zero + softcap
+    scale, cap, inv_temp = transform_params(logit_scale, softcap, temperature, USE_FP64)
 
     label = tl.load(labels_ptr + row)
     valid = (label != ignore_index) & (label >= 0) & (label < V)
@@ -108,7 +104,7 @@ def _rows(logits):
     return logits
 
 
-def row_forward(logits, labels, ignore_index, logit_scale, softcap, temperature, want_entropy, want_sqsum):
+def row_forward(logits, labels, ignore_index, logit_scale: tl.float64, softcap: tl.float64, temperature: tl.float64, want_entropy, want_sqsum):
     logits = _rows(logits)
     n, V = logits.shape
     stat_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32

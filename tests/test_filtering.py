@@ -2,7 +2,8 @@
 
 Filtered gradients stay within the bound of the exact ones (computed here from the inputs), a constructed LM-like
 input has blocks skipped, the CPU head and the Triton kernel skip the same blocks when their blocks coincide, and
-filter_eps None / 0 (and "auto" on fp32) give the exact backward bit for bit."""
+filter_eps None / 0 (and "auto" on fp32) give the exact backward bit for bit (on a GPU, where the compiled
+backward adds with atomics, to the rounding of a reordered sum)."""
 import math
 
 import pytest
@@ -12,8 +13,8 @@ import prefopt
 import prefopt.cpu.chunked as chunked
 from prefopt import _validation
 from prefopt.filtering import skip_counter
-from prefopt.reference import logprobs_from_logits_ref
-from tests._backends import BACKENDS, available
+from prefopt.reference import logprobs_from_logits_ref, transform_logits
+from tests._backends import BACKENDS, ON_CUDA, available
 
 N, H, V = 90, 40, 500   # ragged against every block shape (32 / 64 rows, 64 / 128 vocabulary entries)
 EPS = 1e-3
@@ -56,11 +57,13 @@ def _grads(backend, hidden, weight, bias, labels, upstream, entropy, filter_eps=
     return tuple(grads) + ((None,) if bias is None else ())
 
 
-def _bounds(hidden, weight, bias, labels, upstream, entropy, eps, **options):
+def _bounds(hidden, weight, bias, labels, upstream, entropy, eps, formed=False, **options):
     """Per-element bounds on |filtered - exact| for (grad_hidden, grad_weight, grad_bias), each plus the rounding of
     two differently blocked sums: the filter's (every entry that may be skipped, |D_iv| <= eps * s * G_i with a 1%
     margin for the backends' own rounding of D, times its GEMM partner), and docs/design.md's closed form (the bound
-    the user is promised, looser: it charges every entry eps * s * G_i)."""
+    the user is promised, looser: it charges every entry eps * s * G_i). formed: two backends that form D each their
+    own way, from probabilities rounded to the dtype: each entry's rounding is then of the size of G_i p_iv (the
+    label's D = G_i (p - 1) is much smaller than the p it was formed from), not of |D_iv|."""
     h, w = hidden.double(), weight.double()
     raw = (h @ w.T + (0 if bias is None else bias.double())).requires_grad_()
     logp, ent = logprobs_from_logits_ref(raw, labels, return_entropy=True, **options)
@@ -77,11 +80,36 @@ def _bounds(hidden, weight, bias, labels, upstream, entropy, eps, **options):
     closed_b = 1.01 * threshold.sum().expand(w.shape[0])
     unit, roundings = ROUNDING[hidden.dtype]
     size = grad_raw.abs()
+    if formed:
+        z = transform_logits(raw.detach(), **options)
+        size = size + upstream_size[:, None] * scale * torch.softmax(z, dim=-1)
     rounding = (roundings * unit * (size @ w.abs()), roundings * unit * (size.T @ h.abs()),
                 roundings * unit * size.sum(0) + 1e-300)
     return ([f + r for f, r in zip((filter_h, filter_w, filter_b), rounding)],
             [c + r for c, r in zip((closed_h, closed_w, closed_b), rounding)])
 
+
+
+def _assert_within_bound(got, want, hidden, weight, bias, labels, upstream, entropy, eps=0.0, formed=False,
+                         **options):
+    """Each gradient within _bounds at `eps`: at 0, the rounding of two sums of the same terms in another order."""
+    bounds, _ = _bounds(hidden, weight, bias, labels, upstream, entropy, eps, formed, **options)
+    for name, g, w, bound in zip(("hidden", "weight", "bias"), got, want, bounds):
+        if w is None:
+            assert g is None
+            continue
+        worst = ((g.double() - w.double()).abs() / bound).max().item()
+        assert worst <= 1.0, f"grad_{name}: {worst:.3g} x the rounding bound"
+
+
+def _assert_same_backward(backend, got, exact, *inputs):
+    """Bit for bit where the backward's order of summation is fixed (every CPU backend, the interpreter, the CUDA
+    extension). The compiled Triton backward adds its tiles into the gradients with atomics, in the order the
+    programs finish, so on a GPU two runs of the same backward differ by rounding: there, within that rounding."""
+    if ON_CUDA and backend == "triton":
+        _assert_within_bound(got, exact, *inputs)
+    else:
+        assert all(torch.equal(g, e) for g, e in zip(got, exact) if e is not None)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -112,8 +140,10 @@ def test_filtered_gradients_within_the_bound(backend, dtype, options, entropy, w
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_head_and_triton_skip_the_same_blocks(dtype, monkeypatch):
     """With the CPU head's blocks set to the Triton backward tile of the dtype (and one CPU tile, so both grids start
-    at row 0 and column 0), both count the same blocks and skip the same ones, and their filtered gradients agree to
-    rounding."""
+    at row 0 and column 0), both count the same blocks and skip as many, and their filtered gradients agree within
+    the filter's bound plus rounding: each computes D with its own rounding, so a block at the threshold may be
+    skipped by one and kept by the other (fp32 under the interpreter: one grad_hidden entry 1.2e-6 apart, 1500x the
+    rounding alone; bf16 on an H200: 0.018 apart at 0.08)."""
     from prefopt.kernels import linear_logprobs as triton_head
     tile = triton_head._config(dtype, backward=True)
     block_rows, block_cols = tile.block_n, tile.block_v
@@ -128,9 +158,7 @@ def test_cpu_head_and_triton_skip_the_same_blocks(dtype, monkeypatch):
         counts[backend] = (skip_counter.skipped, skip_counter.total)
     cpu, gpu = counts.values()
     assert cpu == gpu and cpu[1] == math.ceil(N / block_rows) * math.ceil(V / block_cols) and cpu[0] > 0, counts
-    unit, roundings = ROUNDING[dtype]
-    for got, want in zip(*grads.values()):
-        torch.testing.assert_close(got.double(), want.double(), rtol=roundings * unit, atol=roundings * unit)
+    _assert_within_bound(*grads.values(), hidden, weight, bias, labels, upstream, True, EPS, formed=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -142,7 +170,7 @@ def test_off_is_the_exact_backward_bit_for_bit(backend, dtype):
     skip_counter.reset()
     for eps in (None, 0, 0.0) + (("auto",) if dtype == torch.float32 else ()):
         got = _grads(backend, hidden, weight, bias, labels, upstream, True, filter_eps=eps)
-        assert all(torch.equal(g, e) for g, e in zip(got, exact)), eps
+        _assert_same_backward(backend, got, exact, hidden, weight, bias, labels, upstream, True)
     assert skip_counter.total == 0
 
 
@@ -157,7 +185,7 @@ def test_nothing_negligible_is_the_exact_backward_bit_for_bit(backend):
     skip_counter.reset()
     got = _grads(backend, hidden, weight, None, labels, upstream, True, filter_eps=1e-30)
     assert skip_counter.total > 0 and skip_counter.skipped == 0
-    assert all(torch.equal(g, e) for g, e in zip(got[:2], exact[:2]))
+    _assert_same_backward(backend, got, exact, hidden, weight, None, labels, upstream, True)
 
 
 def test_auto_resolves_by_dtype():

@@ -15,7 +15,7 @@ import prefopt.cpu.chunked as chunked
 from prefopt import _backend
 from prefopt.filtering import skip_counter
 from prefopt.reference import linear_logprobs_ref, logprobs_from_logits_ref
-from tests._backends import available
+from tests._backends import ON_CUDA, available
 
 pytestmark = pytest.mark.skipif(not available("triton"), reason="triton backend not available (interpreter)")
 
@@ -213,6 +213,7 @@ def test_the_function_runs_the_head_asked_for(monkeypatch, how):
     calls = _spy_heads(monkeypatch)
     hidden, weight, _ = _inputs(torch.float32, False)
     labels = _labels()
+    auto_head = _backend.head_prediction(N - 1, H, V, torch.float32).head if ON_CUDA else "fused"
     for head in ("tiles", "fused", "auto"):
         if how == "env":
             monkeypatch.setenv("PREFOPT_HEAD", head)
@@ -221,12 +222,13 @@ def test_the_function_runs_the_head_asked_for(monkeypatch, how):
             monkeypatch.delenv("PREFOPT_HEAD", raising=False)
             ctx = prefopt.use_head(head)
         with ctx, prefopt.use_backend("triton"):
-            assert prefopt.head_choice(N - 1, H, V, torch.float32, device="cpu") == ("fused" if head == "auto"
-                                                                                    else head)
+            assert prefopt.head_choice(N - 1, H, V, torch.float32, device=hidden.device.type) == (
+                auto_head if head == "auto" else head)
             prefopt.linear_logprobs(hidden, weight, labels)
-    # auto on CPU tensors (the interpreter) keeps the fused kernel; tiles run on the Triton row ops
-    assert calls == [("tiles", "prefopt.kernels.logprobs"), ("fused", "prefopt.kernels.linear_logprobs"),
-                     ("fused", "prefopt.kernels.linear_logprobs")]
+    # tiles run on the Triton row ops; auto keeps the fused kernel on CPU tensors (the interpreter) and follows the
+    # cost model on CUDA tensors (test_auto_on_cuda_follows_the_cost_model)
+    kernel = {"tiles": ("tiles", "prefopt.kernels.logprobs"), "fused": ("fused", "prefopt.kernels.linear_logprobs")}
+    assert calls == [kernel["tiles"], kernel["fused"], kernel[auto_head]]
 
 
 def test_fused_loss_runs_both_heads_through_tiles(monkeypatch):
@@ -301,6 +303,8 @@ def atomics(monkeypatch):
     return count
 
 
+@pytest.mark.skipif(ON_CUDA, reason="counts the interpreter's atomic operations; on a GPU "
+                    "tests/test_cuda_determinism.py checks the bits")
 def test_deterministic_mode_runs_the_head_without_atomics(monkeypatch, deterministic_mode, atomics):
     """torch.use_deterministic_algorithms(True): auto runs the tiled head on the Triton row ops, whose kernels
     execute no atomic operation (the source of run-to-run differences of the fused head, whose backward executes
