@@ -46,7 +46,8 @@ from prefopt._types import RowStats
 from prefopt.filtering import skip_counter
 
 from . import _autotune, _head_tiles
-from ._fold import dlogits, finish, fold, label_logp, merge, negligible_tile, to_acc, transform, transform_args, transform_params
+from ._fold import (dlogits, finish, fold, label_logp, merge, negligible_tile, to_acc, transform, transform_args,
+                    transform_params)
 
 require_prefopt_name(__name__)
 
@@ -151,7 +152,8 @@ def _linear_combine_kernel(part_ptr, logp_ptr, lse_ptr, ent_ptr, sq_ptr, N, n_sp
 @triton.jit
 def _linear_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
                        gh_ptr, gw_ptr, gb_ptr, skipped_ptr, order_ptr, N, V, H, stride_h, stride_w,
-                       logit_scale: tl.float64, softcap: tl.float64, temperature: tl.float64, filter_scale, need_gh, need_gw,
+                       logit_scale: tl.float64, softcap: tl.float64, temperature: tl.float64, filter_scale,
+                       need_gh, need_gw,
                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_FP64: tl.constexpr,
                        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                        BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr, FILTER: tl.constexpr,
@@ -259,7 +261,7 @@ def _rowmajor(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def linear_forward(hidden, weight, bias, labels, logit_scale: tl.float64, softcap: tl.float64, temperature: tl.float64, want_entropy, want_sqsum,
+def linear_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature, want_entropy, want_sqsum,
                    chunk_size=None, vocab_order=None):
     # chunk_size is a knob of the CPU chunked head; the Triton path never materialises logits. vocab_order only
     # matters to the backward (the CPU head's forward visits it so its cached tiles line up).

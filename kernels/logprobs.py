@@ -52,7 +52,8 @@ def _row_fwd_kernel(logits_ptr, stride_row, labels_ptr, logp_ptr, lse_ptr, ent_p
 
 @triton.jit
 def _row_bwd_kernel(logits_ptr, stride_row, out_ptr, stride_out, labels_ptr, lse_ptr, ent_ptr,
-                    g_logp_ptr, g_ent_ptr, V, ignore_index, logit_scale: tl.float64, softcap: tl.float64, temperature: tl.float64,
+                    g_logp_ptr, g_ent_ptr, V, ignore_index, logit_scale: tl.float64, softcap: tl.float64,
+                    temperature: tl.float64,
                     HAS_SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, USE_FP64: tl.constexpr,
                     BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -104,7 +105,7 @@ def _rows(logits):
     return logits
 
 
-def row_forward(logits, labels, ignore_index, logit_scale: tl.float64, softcap: tl.float64, temperature: tl.float64, want_entropy, want_sqsum):
+def row_forward(logits, labels, ignore_index, logit_scale, softcap, temperature, want_entropy, want_sqsum):
     logits = _rows(logits)
     n, V = logits.shape
     stat_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32

@@ -123,7 +123,6 @@ def test_launches_bind_the_real_specialisation(launches):
     assert single and all(r["constexprs"].get("N") == 1 for r in single)
 
 
-
 def test_transform_scalars_bind_as_float64(launches):
     """logit_scale, softcap and temperature reach the head and row kernels as fp64 (their tl.float64 annotations):
     compiled Triton binds a plain Python float as fp32, so a float64 launch scaled by temperature 0.8 rounded to
@@ -135,6 +134,7 @@ def test_transform_scalars_bind_as_float64(launches):
     for r in rows:
         assert {name: r["signature"][name] for name in ("logit_scale", "softcap", "temperature")} == dict.fromkeys(
             ("logit_scale", "softcap", "temperature"), "fp64"), (r["kernel"], r["config"])
+
 
 def test_loss_kernels_are_also_compiled_as_launched(tmp_path):
     """The loss kernels' configurations leave P unspecialised; the recorded launches add what P binds: one pair makes

@@ -89,7 +89,6 @@ def _bounds(hidden, weight, bias, labels, upstream, entropy, eps, formed=False, 
             [c + r for c, r in zip((closed_h, closed_w, closed_b), rounding)])
 
 
-
 def _assert_within_bound(got, want, hidden, weight, bias, labels, upstream, entropy, eps=0.0, formed=False,
                          **options):
     """Each gradient within _bounds at `eps`: at 0, the rounding of two sums of the same terms in another order."""
@@ -99,7 +98,7 @@ def _assert_within_bound(got, want, hidden, weight, bias, labels, upstream, entr
             assert g is None
             continue
         worst = ((g.double() - w.double()).abs() / bound).max().item()
-        assert worst <= 1.0, f"grad_{name}: {worst:.3g} x the rounding bound"
+        assert worst <= 1.0, f"grad_{name}: {worst:.3g} x the bound"
 
 
 def _assert_same_backward(backend, got, exact, *inputs):
@@ -110,6 +109,7 @@ def _assert_same_backward(backend, got, exact, *inputs):
         _assert_within_bound(got, exact, *inputs)
     else:
         assert all(torch.equal(g, e) for g, e in zip(got, exact) if e is not None)
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
