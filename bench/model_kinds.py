@@ -97,21 +97,12 @@ def _setup(kind, vocab, hidden, tokens):
             return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
         return make, tokenizer, Dataset.from_dict(texts), dict(ref=True)
     from PIL import Image
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers import LlavaForConditionalGeneration
 
-    tokenizer = build_tokenizer([" ".join(all_words())], vocab_size=47)
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 56},
-                                                                     crop_size={"height": 56, "width": 56}),
-                               tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-                               image_token="<image>", num_additional_image_tokens=1)
-    config = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                        num_attention_heads=2, image_size=56, patch_size=14),
-                         text_config=LlamaConfig(**_text_kwargs(vocab, hidden)), image_token_id=image_id,
-                         vision_feature_select_strategy="default", tie_word_embeddings=False)
+    from prefopt.integrations.tiny import tiny_llava_parts
+
+    processor, config = tiny_llava_parts(_text_kwargs(vocab, hidden), tokenizer_vocab=47, image_size=56,
+                                         vision_hidden=32, vision_layers=2)
     rng = np.random.default_rng(0)
     images = [[Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))] for _ in rows]
     texts["prompt"] = ["<image> " + p for p in texts["prompt"]]

@@ -1,5 +1,5 @@
 """Dispatch probes shared by the tests that prove a path never builds a tensor of some size ([T, T] attention masks
-or scores, [N, V] logits)."""
+or scores, [N, V] logits) or that count the host ops a path issues."""
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -33,3 +33,35 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops issued while active. `one_launch(rowops)` wraps a row-ops module so that each of its calls
+    counts as one op (the single launch a GPU would make) and the aten ops inside it count nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+    def one_launch(self, rowops):
+        counter = self
+
+        class OneLaunch:
+            def __getattr__(self, name):
+                fn = getattr(rowops, name)
+
+                def call(*args, **kwargs):
+                    counter.n += 1
+                    counter.paused = True
+                    try:
+                        return fn(*args, **kwargs)
+                    finally:
+                        counter.paused = False
+                return call
+
+        return OneLaunch()

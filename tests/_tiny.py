@@ -7,5 +7,6 @@ from prefopt.integrations.tiny import (  # noqa: F401
     preference_texts,
     tiny_gemma2_config,
     tiny_llama_config,
+    tiny_llava_parts,
     tiny_model,
 )

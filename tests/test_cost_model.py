@@ -139,33 +139,12 @@ def test_choose_head_is_the_lower_prediction():
 def _count_ops(want_entropy, n, v):
     """aten ops the tiled head issues on an [n, 16] x [v, 16] bf16 call (row ops counted as one launch each), forward
     and backward."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import prefopt.cpu.chunked as chunked
     from prefopt.cpu import rowops_torch
+    from tests._probes import OpCounter
 
-    class Count(TorchDispatchMode):
-        n, paused = 0, False
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not self.paused:
-                self.n += 1
-            return func(*args, **(kwargs or {}))
-
-    mode = Count()
-
-    class OneLaunch:
-        def __getattr__(self, name):
-            def call(*args, **kwargs):
-                mode.n += 1
-                mode.paused = True
-                try:
-                    return getattr(rowops_torch, name)(*args, **kwargs)
-                finally:
-                    mode.paused = False
-            return call
-
-    head = chunked.ChunkedHead(OneLaunch())
+    mode = OpCounter()
+    head = chunked.ChunkedHead(mode.one_launch(rowops_torch))
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, 16, generator=gen).bfloat16()
     weight = torch.randn(v, 16, generator=gen).bfloat16()

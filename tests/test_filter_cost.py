@@ -15,6 +15,7 @@ from prefopt import cost_model
 from prefopt.cpu import rowops_torch
 from prefopt.filtering import skip_counter
 from tests._backends import CPU_BACKENDS, available
+from tests._probes import OpCounter
 
 FR, FC = chunked.FILTER_ROWS, chunked.FILTER_COLS
 
@@ -219,31 +220,8 @@ def test_filter_ops_per_tile_match_the_head(monkeypatch):
     monkeypatch.setattr(chunked, "TILE_ELEMENTS", 64 * 128)
     monkeypatch.setattr(chunked, "TARGET_ROWS", 64)
 
-    class Count(TorchDispatchMode):
-        n, paused = 0, False
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not self.paused:
-                self.n += 1
-            return func(*args, **(kwargs or {}))
-
-    mode = Count()
-
-    def one_launch(fn):
-        def call(*args, **kwargs):
-            mode.n += 1
-            mode.paused = True
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                mode.paused = False
-        return call
-
-    class OneLaunch:
-        def __getattr__(self, name):
-            return one_launch(getattr(rowops_torch, name))
-
-    head = chunked.ChunkedHead(OneLaunch())
+    mode = OpCounter()
+    head = chunked.ChunkedHead(mode.one_launch(rowops_torch))
     n, h, v = 128, 64, 1024
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(v, h, generator=gen)

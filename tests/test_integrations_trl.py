@@ -67,14 +67,20 @@ def _run(trainer_cls, tokenizer, dataset, tmp_path, *, model_kind="llama", peft_
                               peft_config=peft_config, **kwargs)
         if patch:
             patch_dpo_trainer(trainer)
-        with _spy(prefopt_run) as calls:
-            trainer.train()
-    if prefopt_run:  # prefopt's head ran, TRL's never did, and no batch fell back to TRL's loss
+        return trainer, _train_logged(trainer, prefopt_run)
+
+
+def _train_logged(trainer, prefopt_run, steps=3):
+    """Train; the per-step logs. Where prefopt runs, its head ran, TRL's never did, and no batch fell back to TRL's
+    loss."""
+    with _spy(prefopt_run) as calls:
+        trainer.train()
+    if prefopt_run:
         assert calls["prefopt"] > 0 and calls["trl"] == 0, calls
         assert not getattr(trainer, "_prefopt_warned", False)
     logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
-    assert len(logs) == 3
-    return trainer, logs
+    assert len(logs) == steps
+    return logs
 
 
 @contextlib.contextmanager

@@ -13,8 +13,8 @@ trl = pytest.importorskip("trl")
 
 from prefopt.integrations.trl import PrefoptDPOTrainer  # noqa: E402
 from prefopt.integrations.transformers import last_hidden_states, token_logps  # noqa: E402
-from tests._tiny import all_words, build_tokenizer, preference_dataset, preference_texts  # noqa: E402
-from tests.test_integrations_trl import COMPARED, _assert_same, _spy  # noqa: E402
+from tests._tiny import all_words, build_tokenizer, preference_dataset, preference_texts, tiny_llava_parts  # noqa: E402
+from tests.test_integrations_trl import COMPARED, _assert_same, _train_logged  # noqa: E402
 
 V = 48
 MOE_KINDS = ("mixtral", "qwen2_moe", "olmoe")
@@ -53,22 +53,9 @@ def _moe_model(kind, vocab=V, dtype=torch.float32, coef=0.1):
 
 def _llava_parts():
     """A tiny LLaVA (CLIP vision tower + Llama) and its processor assembled from local parts (no download)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    tokenizer = build_tokenizer([" ".join(all_words())], vocab_size=V - 1)
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
     # 28 x 28 pixels, 14 x 14 patches: 4 image tokens per image (the CLS feature is dropped, "default" strategy)
-    processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 28},
-                                                                     crop_size={"height": 28, "width": 28}),
-                               tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-                               image_token="<image>", num_additional_image_tokens=1)
-    config = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                        num_attention_heads=2, image_size=28, patch_size=14),
-                         text_config=LlamaConfig(**_text_kwargs()), image_token_id=image_id,
-                         vision_feature_select_strategy="default", vision_feature_layer=-1, tie_word_embeddings=False)
-    return processor, config
+    return tiny_llava_parts(_text_kwargs(), tokenizer_vocab=V - 1, image_size=28, vision_hidden=16, vision_layers=1,
+                            vision_feature_layer=-1)
 
 
 def _llava(config, dtype=torch.float32):
@@ -108,14 +95,7 @@ def _run(trainer_cls, make_model, processing_class, dataset, tmp_path, **config)
         warnings.simplefilter("ignore")
         trainer = trainer_cls(model=make_model(), ref_model=make_model(), args=args, train_dataset=dataset,
                               processing_class=processing_class)
-        with _spy(prefopt_run) as calls:
-            trainer.train()
-    if prefopt_run:  # prefopt's head ran, TRL's never did, and no batch fell back to TRL's loss
-        assert calls["prefopt"] > 0 and calls["trl"] == 0, calls
-        assert not getattr(trainer, "_prefopt_warned", False)
-    logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
-    assert len(logs) == 3
-    return trainer, logs
+        return trainer, _train_logged(trainer, prefopt_run)
 
 
 @pytest.mark.parametrize("kind", MOE_KINDS)

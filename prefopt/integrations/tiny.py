@@ -52,6 +52,31 @@ def tiny_model(config, seed=0, dtype=torch.float32, attn_implementation=None):
     return model
 
 
+def tiny_llava_parts(text_kwargs, *, tokenizer_vocab, image_size=28, vision_hidden=16, vision_layers=1,
+                     vision_feature_layer=-2):
+    """(processor, config) of a tiny LLaVA, a CLIP vision tower + Llama (`LlamaConfig(**text_kwargs)`), assembled from
+    local parts (no download): image_size x image_size pixels in 14 x 14 patches, the CLS feature dropped
+    ("default" strategy), the word-level tokenizer of `build_tokenizer` plus an `<image>` token."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = build_tokenizer([" ".join(all_words())], vocab_size=tokenizer_vocab)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                                                     crop_size={"height": image_size,
+                                                                                "width": image_size}),
+                               tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                               image_token="<image>", num_additional_image_tokens=1)
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                              num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size,
+                              patch_size=14)
+    config = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**text_kwargs), image_token_id=image_id,
+                         vision_feature_select_strategy="default", vision_feature_layer=vision_feature_layer,
+                         tie_word_embeddings=False)
+    return processor, config
+
+
 def build_tokenizer(texts, vocab_size=None, *, model_max_length=256):
     """A whitespace WordLevel `PreTrainedTokenizerFast` trained in-process on `texts`.
 
